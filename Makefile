@@ -1,0 +1,63 @@
+# fleet: ops and developer entry points. Every target sets itself up (virtualenv, install).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install lint format typecheck test test-unit test-integration check demo bench worker status catalog route clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create the virtualenv and install fleet with its dev tools
+
+lint: $(STAMP) ## ruff (lint and format check)
+	$(BIN)/ruff check fleet workers tests bench
+	$(BIN)/ruff format --check fleet workers tests bench
+
+format: $(STAMP) ## Apply ruff's formatter and safe fixes
+	$(BIN)/ruff format fleet workers tests bench
+	$(BIN)/ruff check --fix fleet workers tests bench
+
+typecheck: $(STAMP) ## mypy --strict
+	$(BIN)/mypy fleet workers
+
+test: $(STAMP) ## All tests: unit, then integration on real Redis, RabbitMQ and worker processes
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## Unit tests only (no broker needed)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP) ## Integration tests only
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+check: lint typecheck test ## The gate: lint, types and tests
+
+demo: $(STAMP) ## End-to-end demo on a throwaway Redis with emulated workers
+	$(BIN)/fleet demo
+
+bench: $(STAMP) ## Benchmarks: submission overhead, bulk submit, worker throughput and memory
+	$(BIN)/python -m bench.run
+
+worker: $(STAMP) ## Run a worker: make worker ACCELERATOR=nvidia-l4 (default auto)
+	$(BIN)/fleet worker --accelerator $(or $(ACCELERATOR),auto)
+
+status: $(STAMP) ## Queue depths and live workers on FLEET_BROKER_URL
+	$(BIN)/fleet status
+
+catalog: $(STAMP) ## Accelerators and priced offers
+	$(BIN)/fleet catalog
+
+route: $(STAMP) ## Where a spec would run: make route SPEC=examples/llama-8b-chat.json
+	$(BIN)/fleet route $(SPEC)
+
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .fleet *.egg-info

@@ -1,0 +1,388 @@
+"""The ``fleet`` command line. Exit codes: 0 ok, 1 runtime failure, 2 bad input or unplaceable."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fleet.catalog import Catalog, CatalogError, default_catalog, load_catalog
+from fleet.placement import NoPlacementError, Placement, Policy, place
+from fleet.settings import Settings, masked
+from fleet.spec import SpecError, TaskSpec, parse_spec
+
+console = Console()
+err = Console(stderr=True)
+
+EXIT_INPUT = 2
+
+
+def _load_catalog(path: str | None) -> Catalog:
+    try:
+        return load_catalog(Path(path)) if path else default_catalog()
+    except CatalogError as exc:
+        err.print(f"[red]catalog error:[/] {exc}")
+        sys.exit(EXIT_INPUT)
+
+
+def _read_specs(path: str) -> list[dict[str, Any]]:
+    """A file holding one spec (a JSON object), a JSON list of specs, or JSON lines."""
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    stripped = text.strip()
+    if not stripped:
+        raise SpecError([("", f"{path}: empty file")])
+    if stripped[0] == "[":
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise SpecError([("", f"{path}: invalid JSON: {exc}")]) from None
+        return [d if isinstance(d, dict) else {"_": d} for d in data]
+    if stripped[0] == "{" and "\n{" not in stripped:
+        try:
+            return [json.loads(stripped)]
+        except json.JSONDecodeError as exc:
+            raise SpecError([("", f"{path}: invalid JSON: {exc}")]) from None
+    out = []
+    for n, line in enumerate(stripped.splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SpecError([("", f"{path} line {n}: invalid JSON: {exc}")]) from None
+    return out
+
+
+def _parse_one(path: str) -> TaskSpec:
+    try:
+        specs = _read_specs(path)
+    except SpecError as exc:
+        _spec_error(exc)
+    except OSError as exc:
+        err.print(f"[red]cannot read {path}:[/] {exc.strerror}")
+        sys.exit(EXIT_INPUT)
+    if len(specs) != 1:
+        _spec_error(SpecError([("", f"{path}: expected one spec, found {len(specs)}")]))
+    try:
+        return parse_spec(specs[0])
+    except SpecError as exc:
+        _spec_error(exc)
+
+
+def _spec_error(exc: SpecError) -> NoReturn:
+    err.print("[red]invalid task spec:[/]")
+    for field, msg in exc.errors:
+        err.print(f"  {field or '(spec)'}: {msg}")
+    sys.exit(EXIT_INPUT)
+
+
+def _no_placement(exc: NoPlacementError, *, as_json: bool) -> NoReturn:
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "error": "no accelerator can run this task",
+                    "rejected": [
+                        {"accelerator": r.accelerator, "reason": r.reason} for r in exc.rejected
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        err.print("[red]no accelerator can run this task:[/]")
+        for r in exc.rejected:
+            err.print(f"  {r.accelerator:18} {r.reason}")
+    sys.exit(EXIT_INPUT)
+
+
+def _print_placement(p: Placement) -> None:
+    o = p.offer
+    console.print(f"[bold]queue[/]      {p.queue}")
+    console.print(
+        f"[bold]offer[/]      {o.cloud} {o.region} {o.instance_type} ({o.market.value}, ${o.usd_per_hour:g}/h, {o.accelerator_count} devices)"
+    )
+    console.print(
+        f"[bold]estimate[/]   ${p.estimated_cost_usd:.6g}, run {p.estimated_duration_s:,.3g} s, wait {p.estimated_wait_s:,.3g} s"
+    )
+    for reason in p.reasons:
+        console.print(f"  - {reason}")
+    table = Table("accelerator", "not chosen because", box=None, show_header=True, pad_edge=False)
+    for r in p.rejected:
+        table.add_row(r.accelerator, r.reason)
+    console.print(table)
+
+
+@click.group()
+@click.version_option(package_name="fleet")
+def main() -> None:
+    """fleet: typed AI tasks on the right accelerator, at the lowest cost that meets the deadline."""
+
+
+@main.command()
+@click.argument("spec_file")
+@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
+@click.option(
+    "--policy", type=click.Choice([p.value for p in Policy]), default="cost", show_default=True
+)
+@click.option("--pin", help="Accelerator for --policy pinned.")
+@click.option("--catalog", "catalog_dir", help="Catalog directory (default: shipped).")
+def route(
+    spec_file: str, as_json: bool, policy: str, pin: str | None, catalog_dir: str | None
+) -> None:
+    """Show where SPEC_FILE (a TaskSpec JSON file, - for stdin) would run, without a broker."""
+    spec = _parse_one(spec_file)
+    catalog = _load_catalog(catalog_dir)
+    try:
+        p = place(spec, catalog, None, Policy(policy), pin)
+    except NoPlacementError as exc:
+        _no_placement(exc, as_json=as_json)
+    except (ValueError, KeyError) as exc:
+        err.print(f"[red]{exc}[/]")
+        sys.exit(EXIT_INPUT)
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=2))
+    else:
+        _print_placement(p)
+
+
+@main.command()
+@click.argument("spec_file")
+@click.option("--json", "as_json", is_flag=True, help="Print task ids and placements as JSON.")
+@click.option(
+    "--policy", type=click.Choice([p.value for p in Policy]), default="cost", show_default=True
+)
+@click.option(
+    "--wait", "wait_s", type=float, default=None, help="Wait up to this many seconds for results."
+)
+def submit(spec_file: str, as_json: bool, policy: str, wait_s: float | None) -> None:
+    """Submit the task(s) in SPEC_FILE: one spec, a JSON list, or JSON lines."""
+    from kombu.exceptions import OperationalError  # noqa: PLC0415 - keep `fleet route` light
+
+    from fleet.client import Fleet  # noqa: PLC0415
+
+    try:
+        specs = [parse_spec(s) for s in _read_specs(spec_file)]
+    except SpecError as exc:
+        _spec_error(exc)
+    except OSError as exc:
+        err.print(f"[red]cannot read {spec_file}:[/] {exc.strerror}")
+        sys.exit(EXIT_INPUT)
+    settings = Settings.from_env()
+    with Fleet(settings) as fleet:
+        try:
+            handles = (
+                fleet.submit_many(specs, policy=Policy(policy))
+                if len(specs) > 1
+                else [fleet.submit(specs[0], policy=Policy(policy))]
+            )
+        except NoPlacementError as exc:
+            _no_placement(exc, as_json=as_json)
+        except OperationalError as exc:
+            err.print(
+                f"[red]cannot reach the broker at {masked(settings.broker_url)}:[/] {type(exc).__name__}"
+            )
+            sys.exit(1)
+        rows = []
+        for h in handles:
+            row: dict[str, Any] = {"id": h.id, **h.placement.to_dict()}
+            if wait_s is not None:
+                row["result"] = h.get(timeout=wait_s)
+            rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2, default=str))
+        return
+    for row in rows:
+        offer = row["offer"]
+        console.print(
+            f"{row['id']}  ->  [bold]{row['queue']}[/]  ({offer['cloud']} {offer['instance_type']} {offer['market']}, est ${row['estimated_cost_usd']:.6g})"
+        )
+        if "result" in row:
+            console.print(f"  result: {json.dumps(row['result'].get('output'), default=str)[:400]}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
+@click.option("--catalog", "catalog_dir", help="Catalog directory (default: shipped).")
+def catalog(as_json: bool, catalog_dir: str | None) -> None:
+    """List accelerator families and priced offers."""
+    cat = _load_catalog(catalog_dir)
+    if as_json:
+        from dataclasses import asdict  # noqa: PLC0415
+
+        click.echo(
+            json.dumps(
+                {
+                    "version": cat.version,
+                    "accelerators": [
+                        {
+                            **asdict(f),
+                            "runtimes": sorted(f.runtimes),
+                            "dtypes": sorted(f.dtypes),
+                            "kinds": sorted(f.kinds),
+                        }
+                        for f in cat.families.values()
+                    ],
+                    "offers": [asdict(o) for o in cat.offers],
+                },
+                indent=2,
+            )
+        )
+        return
+    fam = Table(
+        "accelerator",
+        "memory/device",
+        "TB/s",
+        "bf16 TFLOPS",
+        "runtimes",
+        "dtypes",
+        "offers",
+        title=f"accelerators (catalog {cat.version})",
+    )
+    for f in cat.families.values():
+        mem = "host RAM" if f.per_vcpu else f"{f.memory_gb:g} GB"
+        unit = " /vCPU" if f.per_vcpu else ""
+        fam.add_row(
+            f.name,
+            mem,
+            f"{f.memory_bandwidth_gbps / 1000:g}{unit}",
+            f"{f.bf16_tflops:g}{unit}",
+            ",".join(sorted(f.runtimes)),
+            ",".join(sorted(f.dtypes)),
+            str(len(cat.offers_by_family[f.name])),
+        )
+    console.print(fam)
+    offers = Table(
+        "cloud",
+        "region",
+        "instance",
+        "accelerator",
+        "n",
+        "GB/dev",
+        "on-demand $/h",
+        "spot $/h",
+        "price date",
+        title="offers",
+    )
+    for o in cat.offers:
+        offers.add_row(
+            o.cloud,
+            o.region,
+            o.instance_type,
+            o.accelerator,
+            str(o.accelerator_count),
+            f"{o.accelerator_memory_gb:g}",
+            "" if o.on_demand_usd_per_hour is None else f"{o.on_demand_usd_per_hour:g}",
+            "" if o.spot_usd_per_hour is None else f"{o.spot_usd_per_hour:g}",
+            o.price_date,
+        )
+    console.print(offers)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--all", "all_queues", is_flag=True, help="Show empty queues too.")
+def status(as_json: bool, all_queues: bool) -> None:
+    """Queue depths (ready, unacked, by priority) and live workers with their accelerator."""
+    from kombu.exceptions import OperationalError  # noqa: PLC0415
+    from redis import RedisError  # noqa: PLC0415
+
+    from fleet.app import create_app  # noqa: PLC0415
+    from fleet.status import collect  # noqa: PLC0415
+
+    settings = Settings.from_env()
+    try:
+        report = collect(settings, default_catalog(), create_app(settings), all_queues=all_queues)
+    except (OperationalError, RedisError, OSError) as exc:
+        err.print(
+            f"[red]cannot reach the broker at {masked(settings.broker_url)}:[/] {type(exc).__name__}"
+        )
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    qt = Table(
+        "queue", "ready", "unacked", "consumers", "by priority", title=f"queues on {report.broker}"
+    )
+    for q in report.queues:
+        qt.add_row(
+            q.name,
+            str(q.ready),
+            str(q.unacked),
+            str(q.consumers),
+            " ".join(f"p{k}:{v}" for k, v in sorted(q.by_priority.items())),
+        )
+    console.print(qt)
+    wt = Table("worker", "accelerator", "devices", "kind", "queues", title="workers")
+    for w in report.workers:
+        wt.add_row(
+            w.hostname,
+            w.accelerator,
+            str(w.devices),
+            "emulated" if w.emulated else "real",
+            str(w.queues),
+        )
+    console.print(wt)
+
+
+@main.command()
+@click.option(
+    "--accelerator",
+    default="auto",
+    show_default=True,
+    help="auto (detect) or a canonical name to emulate.",
+)
+@click.option(
+    "--devices", type=int, default=None, help="Devices to use or emulate (default: detected, or 1)."
+)
+@click.option(
+    "--concurrency", type=int, default=None, help="Pool processes (default: one per device)."
+)
+@click.option(
+    "--pool",
+    default="prefork",
+    show_default=True,
+    type=click.Choice(["prefork", "solo", "threads"]),
+)
+@click.option(
+    "--hostname", default=None, help="Celery node name (default: <accelerator>-<id>@<host>)."
+)
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(
+    accelerator: str,
+    devices: int | None,
+    concurrency: int | None,
+    pool: str,
+    hostname: str | None,
+    loglevel: str,
+) -> None:
+    """Run a Celery worker on exactly the queues this machine's chip can serve."""
+    from workers.main import start  # noqa: PLC0415
+
+    catalog_names = default_catalog().names()
+    if accelerator != "auto" and accelerator not in catalog_names:
+        from fleet.spec import closest_accelerators  # noqa: PLC0415
+
+        close = closest_accelerators(accelerator)
+        err.print(
+            f"[red]unknown accelerator {accelerator!r}[/]"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+        )
+        sys.exit(EXIT_INPUT)
+    start(accelerator, devices, concurrency, pool, hostname, loglevel)
+
+
+@main.command()
+def demo() -> None:
+    """Run the end-to-end demo on a throwaway Redis (see README)."""
+    from fleet.demo import run_demo  # noqa: PLC0415
+
+    sys.exit(run_demo())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The Python client: ``Fleet.from_env().submit(spec)``.
+
+Submission validates the spec, places it (pure, against the catalog and the cached
+queue loads, so no extra broker round trip), and publishes one Celery message for the
+``fleet.run`` task on the chosen queue. ``submit_many`` publishes a whole batch through
+one producer and, on Redis, one pipeline.
+
+Task ids: a spec with an ``idempotency_key`` gets a task id derived from it (UUID5), so a
+resubmission is recognisable and its result is stored under the same id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Self
+
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from fleet.app import TASK_NAME, TIME_LIMITS, create_app
+from fleet.catalog import Catalog, default_catalog
+from fleet.placement import Placement, Policy, place
+from fleet.queues import all_queue_names
+from fleet.settings import Settings
+from fleet.spec import TaskSpec, parse_spec
+from fleet.stats import AmqpStats, RedisStats, StatsCache, StatsSource
+
+IDEMPOTENCY_NAMESPACE = uuid.UUID("5f1e7c3a-2b7d-4c55-9d0e-6f1ee7f00001")
+BATCH_SIZE = 1000
+
+
+def task_id_for(spec: TaskSpec) -> str:
+    """The task id: derived from ``idempotency_key`` when there is one, else random."""
+    if spec.idempotency_key is not None:
+        return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, spec.idempotency_key))
+    return str(uuid.uuid4())
+
+
+def broker_priority(priority: int, *, is_redis: bool) -> int:
+    """Map fleet priority (9 most urgent) to the broker's (Redis: 0 most urgent)."""
+    return 9 - priority if is_redis else priority
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHandle:
+    """A submitted task: its id, where it went, and a way to wait for its result."""
+
+    id: str
+    placement: Placement
+    _result: AsyncResult[Any]
+
+    def get(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for and return the task's result; raises the task's error if it failed."""
+        value: dict[str, Any] = self._result.get(timeout=timeout, propagate=True)
+        return value
+
+    @property
+    def state(self) -> str:
+        """Celery's state for the task (PENDING, STARTED, SUCCESS, FAILURE, ...)."""
+        return str(self._result.state)
+
+
+class Fleet:
+    """Submit typed tasks to a fleet.
+
+    One instance per process is enough; it is safe to share between threads. Call
+    ``close()`` (or use it as a context manager) to stop its statistics thread.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        app: Celery | None = None,
+        catalog: Catalog | None = None,
+        stats: StatsSource | None = None,
+        stats_interval_s: float = 1.0,
+    ) -> None:
+        """Build from ``settings`` (default: environment); ``stats`` overrides the broker's."""
+        self.settings = settings or Settings.from_env()
+        self.app = app or create_app(self.settings)
+        self.catalog = catalog or default_catalog()
+        self._queues = all_queue_names(self.catalog, self.settings.namespace)
+        self._stats = StatsCache(stats or self._default_stats(), self._queues, stats_interval_s)
+
+    @classmethod
+    def from_env(cls) -> Fleet:
+        """A client configured from the ``FLEET_*`` environment variables."""
+        return cls()
+
+    def _default_stats(self) -> StatsSource:
+        if self.settings.is_redis:
+            return RedisStats(
+                redis.Redis.from_url(self.settings.broker_url), self.settings.namespace
+            )
+        return AmqpStats(self.settings.broker_url)
+
+    def route(
+        self, spec: TaskSpec | dict[str, Any], policy: Policy = Policy.COST, pin: str | None = None
+    ) -> Placement:
+        """The placement ``submit`` would use now, without submitting."""
+        spec = spec if isinstance(spec, TaskSpec) else parse_spec(spec)
+        return place(spec, self.catalog, self._stats.loads(), policy, pin, self.settings.namespace)
+
+    def _options(self, spec: TaskSpec, placement: Placement) -> dict[str, Any]:
+        limit = TIME_LIMITS[spec.kind]
+        return {
+            "queue": placement.queue,
+            "routing_key": placement.queue,
+            "priority": broker_priority(spec.priority, is_redis=self.settings.is_redis),
+            "time_limit": limit,
+            "soft_time_limit": limit - 60,
+        }
+
+    @staticmethod
+    def _kwargs(placement: Placement) -> dict[str, Any]:
+        return {
+            "placement": {
+                "accelerator": placement.accelerator,
+                "devices": placement.devices,
+                "queue": placement.queue,
+                "estimated_cost_usd": placement.estimated_cost_usd,
+                "usd_per_hour": placement.offer.usd_per_hour,
+                "offer_devices": placement.offer.accelerator_count,
+            }
+        }
+
+    def submit(
+        self,
+        spec: TaskSpec | dict[str, Any],
+        *,
+        policy: Policy = Policy.COST,
+        pin: str | None = None,
+    ) -> TaskHandle:
+        """Validate, place and enqueue one task.
+
+        Raises:
+            SpecError: the spec is invalid (nothing is sent).
+            NoPlacementError: no accelerator can run it (nothing is sent).
+            kombu.exceptions.OperationalError: the broker cannot be reached.
+
+        """
+        spec = spec if isinstance(spec, TaskSpec) else parse_spec(spec)
+        placement = self.route(spec, policy, pin)
+        task_id = task_id_for(spec)
+        result = self.app.send_task(
+            TASK_NAME,
+            args=(spec.model_dump(mode="json"),),
+            kwargs=self._kwargs(placement),
+            task_id=task_id,
+            **self._options(spec, placement),
+        )
+        return TaskHandle(task_id, placement, result)
+
+    def submit_many(
+        self,
+        specs: Iterable[TaskSpec | dict[str, Any]],
+        *,
+        policy: Policy = Policy.COST,
+    ) -> list[TaskHandle]:
+        """Validate and place every spec first, then publish them all on one connection.
+
+        All-or-nothing at validation: if any spec is invalid or unplaceable, nothing is
+        sent and the error names the index. On Redis the publishes go through one
+        pipeline per ``BATCH_SIZE`` messages.
+
+        Raises:
+            SpecError, NoPlacementError: with ``[index]`` prefixed to the message.
+
+        """
+        prepared: list[tuple[TaskSpec, Placement, str]] = []
+        loads = self._stats.loads()
+        for i, raw in enumerate(specs):
+            try:
+                spec = raw if isinstance(raw, TaskSpec) else parse_spec(raw)
+                placement = place(spec, self.catalog, loads, policy, None, self.settings.namespace)
+            except ValueError as exc:
+                exc.args = (
+                    f"[{i}] {exc}",
+                )  # keep the type (SpecError, NoPlacementError); name the index
+                raise
+            prepared.append((spec, placement, task_id_for(spec)))
+        handles: list[TaskHandle] = []
+        with self.app.producer_or_acquire() as producer, producer.batch(BATCH_SIZE):
+            for spec, placement, task_id in prepared:
+                result = self.app.send_task(
+                    TASK_NAME,
+                    args=(spec.model_dump(mode="json"),),
+                    kwargs=self._kwargs(placement),
+                    task_id=task_id,
+                    producer=producer,
+                    **self._options(spec, placement),
+                )
+                handles.append(TaskHandle(task_id, placement, result))
+        return handles
+
+    def result(self, task_id: str) -> AsyncResult[Any]:
+        """The Celery result handle for a task id."""
+        return AsyncResult(task_id, app=self.app)
+
+    def close(self) -> None:
+        """Stop background statistics."""
+        self._stats.close()
+
+    def __enter__(self) -> Self:
+        """Use as a context manager."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close on exit."""
+        self.close()
+
+
+def specs_from(values: Sequence[dict[str, Any]]) -> list[TaskSpec]:
+    """Validate a list of decoded specs (helper for files of many specs)."""
+    return [parse_spec(v) for v in values]

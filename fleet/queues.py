@@ -1,0 +1,106 @@
+"""Queue names and declarations: the one place that knows them.
+
+A task lands on ``<kind>.<accelerator>`` when one device holds it, and on
+``<kind>.<accelerator>.x<N>`` when it needs ``N`` devices of one instance (tensor
+parallel). A worker with ``D`` devices serves every tier up to ``D``, so a 405B model
+placed on ``inference.nvidia-h200.x8`` is only ever pulled by an 8-GPU worker. An
+optional namespace prefix (``FLEET_NAMESPACE``, say ``staging.``) lets several fleets
+share one broker.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kombu import Exchange, Queue
+
+from fleet.catalog import Catalog, Family
+from fleet.spec import TaskKind
+
+MAX_PRIORITY = 9
+DEFAULT_EXCHANGE = Exchange("fleet", type="direct", durable=True)
+DEVICE_TIERS = (1, 2, 4, 6, 8, 12, 16, 32, 64)
+
+_QUEUE_RE = re.compile(
+    r"^(?P<kind>inference|embedding|training|fine_tune|batch)\.(?P<acc>[a-z0-9-]+)(?:\.x(?P<n>\d+))?$"
+)
+
+
+def queue_name(
+    kind: TaskKind | str, accelerator: str, devices: int = 1, namespace: str = ""
+) -> str:
+    """The queue for ``kind`` work needing ``devices`` devices of ``accelerator``."""
+    kind_value = kind.value if isinstance(kind, TaskKind) else kind
+    base = f"{namespace}{kind_value}.{accelerator}"
+    return base if devices <= 1 else f"{base}.x{devices}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRef:
+    """A parsed queue name."""
+
+    kind: TaskKind
+    accelerator: str
+    devices: int
+
+
+def parse_queue(name: str, namespace: str = "") -> QueueRef | None:
+    """Parse a queue name of this scheme, or None if it is not one."""
+    if namespace and not name.startswith(namespace):
+        return None
+    m = _QUEUE_RE.match(name[len(namespace) :])
+    if m is None:
+        return None
+    return QueueRef(TaskKind(m["kind"]), m["acc"], int(m["n"] or 1))
+
+
+def tiers_up_to(devices: int) -> tuple[int, ...]:
+    """Device tiers a worker with ``devices`` devices serves."""
+    tiers = [t for t in DEVICE_TIERS if t <= devices]
+    if devices not in tiers:
+        tiers.append(devices)
+    return tuple(tiers)
+
+
+def queues_for_worker(family: Family, devices: int, namespace: str = "") -> tuple[str, ...]:
+    """Every queue a worker with ``devices`` devices of ``family`` may consume, sorted."""
+    tiers = (1,) if family.per_vcpu else tiers_up_to(devices)
+    return tuple(
+        sorted(
+            queue_name(kind, family.name, n, namespace)
+            for kind in TaskKind
+            if kind.value in family.kinds
+            for n in tiers
+        )
+    )
+
+
+def all_queue_names(catalog: Catalog, namespace: str = "") -> tuple[str, ...]:
+    """Every queue the catalog's offers can need (kinds x families x device tiers of its offers)."""
+    names: set[str] = set()
+    for family in catalog.families.values():
+        counts = {o.accelerator_count for o in catalog.offers_by_family.get(family.name, ())} or {1}
+        tiers: set[int] = {1}
+        if not family.per_vcpu:
+            for count in counts:
+                tiers.update(tiers_up_to(count))
+        for kind in TaskKind:
+            if kind.value in family.kinds:
+                names.update(queue_name(kind, family.name, n, namespace) for n in tiers)
+    return tuple(sorted(names))
+
+
+def kombu_queue(name: str) -> Queue:
+    """A durable kombu Queue bound to the fleet exchange, with priorities enabled.
+
+    On RabbitMQ the queue is a classic queue with ``x-max-priority``; Redis emulates
+    priorities with sub-queues (see ``fleet.app``).
+    """
+    return Queue(
+        name,
+        exchange=DEFAULT_EXCHANGE,
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-max-priority": MAX_PRIORITY},
+    )

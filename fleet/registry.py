@@ -1,0 +1,105 @@
+"""Live-worker registry with expiry, in the broker's Redis.
+
+Each worker writes ``<namespace>fleet:worker:<hostname>`` (JSON, TTL ``WORKER_TTL_S``) and
+refreshes it every ``HEARTBEAT_S``; a worker that dies drops out when its key expires.
+On RabbitMQ there is no shared Redis, and ``fleet status`` asks the workers over
+Celery's remote control instead (``workers.control``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+
+WORKER_TTL_S = 15
+HEARTBEAT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker says of itself."""
+
+    hostname: str
+    accelerator: str
+    devices: int
+    emulated: bool
+    queues: tuple[str, ...]
+    pid: int
+    product: str = ""
+    concurrency: int = 1
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WorkerInfo:
+        """Decode a registry value."""
+        data: dict[str, Any] = json.loads(raw)
+        data["queues"] = tuple(data.get("queues", ()))
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """Encode for the registry."""
+        return json.dumps(asdict(self))
+
+
+def _key(namespace: str, hostname: str) -> str:
+    return f"{namespace}fleet:worker:{hostname}"
+
+
+def register(client: redis.Redis, info: WorkerInfo, namespace: str = "") -> None:
+    """Write or refresh ``info`` with the registry TTL."""
+    client.set(_key(namespace, info.hostname), info.to_json(), ex=WORKER_TTL_S)
+
+
+def unregister(client: redis.Redis, hostname: str, namespace: str = "") -> None:
+    """Remove a worker at clean shutdown."""
+    client.delete(_key(namespace, hostname))
+
+
+def live_workers(client: redis.Redis, namespace: str = "") -> list[WorkerInfo]:
+    """Workers whose registry key has not expired, sorted by hostname."""
+    keys = list(client.scan_iter(match=f"{namespace}fleet:worker:*", count=500))
+    if not keys:
+        return []
+    out = []
+    for raw in client.mget(keys):
+        if raw is not None:
+            try:
+                out.append(WorkerInfo.from_json(raw))
+            except (ValueError, TypeError):
+                continue  # a malformed entry is skipped, never fatal
+    return sorted(out, key=lambda w: w.hostname)
+
+
+class Heartbeat:
+    """A daemon thread that keeps one worker's registry entry alive."""
+
+    def __init__(self, client: redis.Redis, info: WorkerInfo, namespace: str = "") -> None:
+        """Prepare; call ``start``."""
+        self._client = client
+        self._info = info
+        self._namespace = namespace
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        """Register now and keep refreshing."""
+        register(self._client, self._info, self._namespace)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                register(self._client, self._info, self._namespace)
+            except redis.RedisError:
+                continue  # the broker may be restarting; try again next beat
+
+    def stop(self) -> None:
+        """Stop refreshing and remove the entry."""
+        self._stop.set()
+        try:
+            unregister(self._client, self._info.hostname, self._namespace)
+        except redis.RedisError:
+            return

@@ -1,0 +1,67 @@
+"""Settings from the environment, read once per process, with secrets masked for display.
+
+``FLEET_BROKER_URL``     broker (default ``redis://127.0.0.1:6379/0``); ``amqp://`` for RabbitMQ
+``FLEET_RESULT_BACKEND`` results (default: the broker URL on Redis, ``rpc://`` on RabbitMQ)
+``FLEET_NAMESPACE``      queue-name prefix so several fleets can share one broker
+``FLEET_ARTIFACT_DIR``   where workers write checkpoints (default ``./.fleet/artifacts``)
+``FLEET_CATALOG_DIR``    a catalog directory replacing the shipped one
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Process settings. ``broker_url`` may hold a password: print ``masked(url)`` instead."""
+
+    broker_url: str
+    result_backend: str
+    namespace: str
+    artifact_dir: Path
+
+    @property
+    def is_redis(self) -> bool:
+        """True when the broker is Redis (``redis://``, ``rediss://``, ``redis+socket://``)."""
+        return is_redis_url(self.broker_url)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the ``FLEET_*`` variables (``env`` defaults to ``os.environ``)."""
+        env = os.environ if env is None else env
+        broker = env.get("FLEET_BROKER_URL") or DEFAULT_BROKER_URL
+        backend = env.get("FLEET_RESULT_BACKEND") or (broker if is_redis_url(broker) else "rpc://")
+        return cls(
+            broker_url=broker,
+            result_backend=backend,
+            namespace=env.get("FLEET_NAMESPACE", ""),
+            artifact_dir=Path(env.get("FLEET_ARTIFACT_DIR") or ".fleet/artifacts"),
+        )
+
+
+def is_redis_url(url: str) -> bool:
+    """True for Redis URLs."""
+    return url.split(":", 1)[0] in {"redis", "rediss", "redis+socket"}
+
+
+def masked(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe for logs and errors)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    netloc = f"{user}:***@{host}" if user or parts.password else f"***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

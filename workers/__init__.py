@@ -1,0 +1,1 @@
+"""fleet workers: chip detection, Celery tasks and handlers."""

@@ -1,0 +1,96 @@
+"""Who a worker is: its accelerator, devices, whether it is emulated, and its queues.
+
+The worker's main process decides this once (``resolve``) and hands it to its pool
+processes through the ``FLEET_WORKER_IDENTITY`` environment variable (JSON), so the
+thin task can check every message against the hardware it actually runs on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from functools import cache
+
+from fleet.catalog import Catalog
+from fleet.queues import queues_for_worker
+
+ENV_VAR = "FLEET_WORKER_IDENTITY"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    """A worker's accelerator and what it serves.
+
+    ``emulated`` is True when a local process stands in for the chip (``--accelerator
+    NAME`` on a machine without it); every log line, status row and result says so.
+    ``memory_gb`` is per device (for cpu, the host RAM).
+    """
+
+    accelerator: str
+    devices: int
+    memory_gb: float
+    emulated: bool
+    product: str
+    queues: tuple[str, ...]
+    concurrency: int
+
+    def to_json(self) -> str:
+        """Encode for the environment."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> WorkerIdentity:
+        """Decode from the environment."""
+        data = json.loads(raw)
+        data["queues"] = tuple(data["queues"])
+        return cls(**data)
+
+    @property
+    def label(self) -> str:
+        """``nvidia-l4 x1 (emulated)`` style label for logs and status."""
+        tag = " (emulated)" if self.emulated else ""
+        return f"{self.accelerator} x{self.devices}{tag}"
+
+
+def emulated_identity(
+    catalog: Catalog,
+    accelerator: str,
+    devices: int = 1,
+    concurrency: int | None = None,
+    namespace: str = "",
+) -> WorkerIdentity:
+    """Identity of a local process emulating ``devices`` devices of ``accelerator``.
+
+    Raises:
+        KeyError: unknown accelerator (the message lists the valid names).
+
+    """
+    family = catalog.family(accelerator)
+    memory = family.memory_gb or max(
+        (o.accelerator_memory_gb for o in catalog.offers_by_family[accelerator]), default=0.0
+    )
+    return WorkerIdentity(
+        accelerator=accelerator,
+        devices=devices,
+        memory_gb=memory,
+        emulated=True,
+        product=f"emulated {family.display}",
+        queues=queues_for_worker(family, devices, namespace),
+        concurrency=concurrency or devices,
+    )
+
+
+def current(env: Mapping[str, str] | None = None) -> WorkerIdentity:
+    """The identity of this worker process (from the environment)."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_VAR)
+    if raw is None:
+        raise RuntimeError(f"{ENV_VAR} is not set: start workers with `fleet worker`")
+    return _parse(raw)
+
+
+@cache
+def _parse(raw: str) -> WorkerIdentity:
+    return WorkerIdentity.from_json(raw)

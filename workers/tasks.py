@@ -1,0 +1,104 @@
+"""The one Celery task, ``fleet.run``: thin by design.
+
+It decodes the spec, checks that this worker's hardware can hold it (a second line of
+defence behind the queue scheme), leases the devices it needs, calls the handler and
+returns the handler's output with where and how it ran. A bad spec or a task this
+worker cannot hold fails with a clear error and is never executed; the worker goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Task
+from celery.worker.control import inspect_command
+
+from fleet.app import TASK_NAME, app
+from fleet.compat import devices_needed, memory_needed_gb
+from fleet.settings import Settings
+from fleet.spec import SpecError, parse_spec
+from workers import identity
+from workers.devices import DeviceLeases
+from workers.handlers import HandlerContext, HandlerError, run_handler
+
+
+class TaskRefusedError(Exception):
+    """The worker will not run the message (invalid spec, or more than it can hold)."""
+
+
+_leases: DeviceLeases | None = None
+
+
+def _device_leases(devices: int) -> DeviceLeases:
+    global _leases  # noqa: PLW0603 - one lease table per pool process, built on first use
+    if _leases is None:
+        default = Path(tempfile.gettempdir()) / f"fleet-devices-{os.getppid()}"
+        directory = Path(os.environ.get("FLEET_DEVICE_LOCK_DIR") or default)
+        _leases = DeviceLeases(directory, devices)
+    return _leases
+
+
+@app.task(name=TASK_NAME, bind=True)
+def run(
+    self: Task[Any, Any], spec: dict[str, Any], placement: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run one TaskSpec on this worker's accelerator; see the module docstring."""
+    me = identity.current()
+    try:
+        task = parse_spec(spec)
+    except SpecError as exc:
+        raise TaskRefusedError(f"invalid spec: {exc}") from None
+    need = memory_needed_gb(task)
+    devices = devices_needed(need, me.memory_gb, me.devices)
+    if devices is None:
+        raise TaskRefusedError(
+            f"needs {need:,.1f} GB; this worker ({me.label}) holds {me.devices} x {me.memory_gb:g} GB"
+        )
+    settings = Settings.from_env()
+    started = time.time()
+    t0 = time.perf_counter()
+    with _device_leases(me.devices).lease(devices) as leased:
+        ctx = HandlerContext(
+            task_id=str(self.request.id),
+            accelerator=me.accelerator,
+            emulated=me.emulated,
+            artifact_dir=settings.artifact_dir,
+            devices=leased,
+        )
+        try:
+            output = run_handler(task, ctx)
+        except HandlerError as exc:
+            raise TaskRefusedError(f"bad input: {exc}") from None
+    run_s = time.perf_counter() - t0
+    delivery = self.request.delivery_info or {}
+    return {
+        "task_id": self.request.id,
+        "output": output,
+        "accelerator": me.accelerator,
+        "emulated": me.emulated,
+        "worker": self.request.hostname,
+        "queue": delivery.get("routing_key"),
+        "devices": list(leased),
+        "started_at": started,
+        "run_s": run_s,
+        "estimated_cost_usd": (placement or {}).get("estimated_cost_usd"),
+    }
+
+
+@inspect_command()
+def fleet_identity(state: Any, **_: Any) -> dict[str, Any]:  # noqa: ANN401 - Celery's control API
+    """Remote-control command: this worker's accelerator, devices and emulated flag."""
+    me = identity.current()
+    return {
+        "accelerator": me.accelerator,
+        "devices": me.devices,
+        "emulated": me.emulated,
+        "product": me.product,
+        "queues": list(me.queues),
+        "concurrency": me.concurrency,
+        "active": len(state.consumer.controller.state.active_requests) if state.consumer else None,
+    }
