@@ -98,6 +98,10 @@ class Fleet:
             )
         return AmqpStats(self.settings.broker_url)
 
+    def refresh_stats(self) -> None:
+        """Read queue statistics now instead of waiting for the next background tick."""
+        self._stats.refresh()
+
     def route(
         self, spec: TaskSpec | dict[str, Any], policy: Policy = Policy.COST, pin: str | None = None
     ) -> Placement:

@@ -103,6 +103,7 @@ class Placement:
     policy: Policy
     reasons: tuple[str, ...]
     rejected: tuple[Rejection, ...] = field(default=())
+    deadline_at_risk: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the shape ``fleet route --json`` prints)."""
@@ -117,6 +118,7 @@ class Placement:
             "memory_needed_gb": self.memory_needed_gb,
             "policy": self.policy.value,
             "reasons": list(self.reasons),
+            "deadline_at_risk": self.deadline_at_risk,
             "rejected": [{"accelerator": r.accelerator, "reason": r.reason} for r in self.rejected],
         }
 
@@ -202,6 +204,7 @@ def _largest(reasons: list[str]) -> str:
 
 
 _MEMO_LIMIT = 4096
+Option = tuple[Candidate, str, float]  # (candidate, queue, expected wait in seconds)
 Analysis = tuple[float, tuple[Candidate, ...], tuple[Rejection, ...]]
 
 
@@ -287,9 +290,14 @@ def _feasible(
     loads: Mapping[str, QueueLoad] | None,
     namespace: str,
     rejected: list[Rejection],
-) -> list[tuple[Candidate, str, float]]:
-    """Candidates within budget and deadline, with their queue and expected wait."""
-    feasible: list[tuple[Candidate, str, float]] = []
+) -> tuple[list[Option], list[Option]]:
+    """Candidates within budget and deadline, and those that miss it only by waiting.
+
+    Returns ``(feasible, at_risk)``, each ``(candidate, queue, expected wait)``. A
+    candidate whose run alone exceeds the deadline is rejected outright.
+    """
+    feasible: list[Option] = []
+    at_risk: list[Option] = []
     deadline = spec.slo.deadline_s
     budget = spec.budget.max_usd
     for c in candidates:
@@ -302,6 +310,8 @@ def _feasible(
                 )
             )
         elif deadline is not None and wait + c.service_s > deadline:
+            if c.service_s <= deadline:
+                at_risk.append((c, queue, wait))
             rejected.append(
                 Rejection(
                     c.accelerator,
@@ -310,7 +320,7 @@ def _feasible(
             )
         else:
             feasible.append((c, queue, wait))
-    return feasible
+    return feasible, at_risk
 
 
 def place(
@@ -357,11 +367,24 @@ def place(
         ]
         candidates = tuple(pinned)
 
-    feasible = _feasible(spec, candidates, loads, namespace, rejected)
+    feasible, at_risk = _feasible(spec, candidates, loads, namespace, rejected)
+    risk_note = ""
+    if not feasible and at_risk:
+        # Every queue is cold or busy, but the work itself fits the deadline somewhere:
+        # refusing would make a fleet scaled to zero refuse all deadline-bound work.
+        feasible = [min(at_risk, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd))]
+        rejected = [r for r in rejected if r.accelerator != feasible[0][0].accelerator]
+        policy_used = Policy.FASTEST
+        risk_note = (
+            f"deadline at risk: no queue is expected to finish within {spec.slo.deadline_s:g} s"
+            " (cold or busy); chose the earliest expected finish"
+        )
+    else:
+        policy_used = policy
     if not feasible:
         raise NoPlacementError(tuple(sorted(rejected, key=lambda r: r.accelerator)))
 
-    if policy is Policy.FASTEST:
+    if policy_used is Policy.FASTEST:
         chosen, queue, wait = min(feasible, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd))
         why = f"fastest: expected finish {wait + chosen.service_s:,.3g} s"
     else:
@@ -370,7 +393,7 @@ def place(
     for c, _, w in feasible:
         if c is chosen:
             continue
-        if policy is Policy.FASTEST:
+        if policy_used is Policy.FASTEST:
             rejected.append(
                 Rejection(c.accelerator, f"slower: expected finish {w + c.service_s:,.3g} s")
             )
@@ -379,7 +402,7 @@ def place(
                 Rejection(c.accelerator, f"costlier: ${c.cost_usd:.6g} vs ${chosen.cost_usd:.6g}")
             )
     reasons = (
-        why,
+        risk_note or why,
         (
             f"memory: needs {need:,.1f} GB; {chosen.devices} x {chosen.accelerator} on"
             f" {chosen.offer.instance_type} ({chosen.offer.accelerator_count} devices)"
@@ -401,5 +424,6 @@ def place(
         memory_needed_gb=need,
         policy=policy,
         reasons=reasons,
+        deadline_at_risk=bool(risk_note),
         rejected=tuple(sorted(rejected, key=lambda r: r.accelerator)),
     )

@@ -20,6 +20,8 @@ from workers.handlers.generation import tokenize
 from workers.handlers.training import base_params, make_dataset
 
 MODEL = "tiny-test-model"
+ROOT = Path(__file__).resolve().parents[2]
+NO_ARTIFACTS = Path("/dev/null/artifacts")  # a test that writes must pass its own tmp_path
 TRAINING_KINDS = {"training", "fine_tune"}
 
 
@@ -38,7 +40,7 @@ def ctx(tmp_path):
 
 
 def run(kind, input_=None, ctx=None, **extra):
-    context = ctx or HandlerContext("task-1", "nvidia-l4", emulated=True, artifact_dir=Path())
+    context = ctx or HandlerContext("task-1", "nvidia-l4", emulated=True, artifact_dir=NO_ARTIFACTS)
     return run_handler(make_spec(kind, input_, **extra), context)
 
 
@@ -62,7 +64,7 @@ run_handler(spec, HandlerContext("t", "cpu", True, Path(".")))
 def test_numpy_stays_unloaded(code):
     """Importing the package and running a noop batch never load numpy."""
     check = f"{code}\nimport sys\nassert 'numpy' not in sys.modules, 'numpy was imported'"
-    subprocess.run([sys.executable, "-c", check], check=True)
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=ROOT)
 
 
 # Common result fields
@@ -99,7 +101,7 @@ def test_embedding_is_deterministic():
     """The same model and texts give the same vectors, whatever the task."""
     texts = ["GPUs multiply matrices.", "Queues hold messages."]
     first = run("embedding", {"texts": texts})
-    ctx2 = HandlerContext("other-task", "amd-mi300x", emulated=False, artifact_dir=Path())
+    ctx2 = HandlerContext("other-task", "amd-mi300x", emulated=False, artifact_dir=NO_ARTIFACTS)
     second = run("embedding", {"texts": texts}, ctx2)
     assert first["embeddings"] == second["embeddings"]
 
@@ -183,7 +185,7 @@ def test_generation_differs_across_seeds():
 
 def test_generation_default_seed_is_the_task():
     """Without a seed, the task id seeds the sampler."""
-    other = HandlerContext("task-2", "nvidia-l4", emulated=True, artifact_dir=Path())
+    other = HandlerContext("task-2", "nvidia-l4", emulated=True, artifact_dir=NO_ARTIFACTS)
     first = run("inference", {"prompt": "A"}, tokens_out=60)
     assert first == run("inference", {"prompt": "A"}, tokens_out=60)
     assert first["text"] != run("inference", {"prompt": "A"}, other, tokens_out=60)["text"]
@@ -191,7 +193,7 @@ def test_generation_default_seed_is_the_task():
 
 def test_generation_seeds_from_any_task_id():
     """A task id with a lone surrogate still seeds the sampler."""
-    odd = HandlerContext("task-\ud800", "nvidia-l4", emulated=True, artifact_dir=Path())
+    odd = HandlerContext("task-\ud800", "nvidia-l4", emulated=True, artifact_dir=NO_ARTIFACTS)
     assert run("inference", {"prompt": "The"}, odd)["tokens_out"] == 32
 
 
@@ -390,7 +392,7 @@ def test_input_uri_is_refused(kind, input_):
     """Only inline input is accepted."""
     spec = make_spec(kind, input_uri="s3://bucket/key")
     with pytest.raises(HandlerError, match=r"^input_uri:"):
-        run_handler(spec, HandlerContext("t", "x", True, Path()))
+        run_handler(spec, HandlerContext("t", "x", True, NO_ARTIFACTS))
 
 
 @pytest.mark.parametrize("task_id", ["../escape", "a/b", "", ".hidden"])

@@ -1,0 +1,310 @@
+"""``make demo``: the whole path of a mixed workload, on a throwaway broker, in under two minutes.
+
+1. Uses ``FLEET_BROKER_URL`` when set, else starts a private Redis on a free port.
+2. Routes a multi-agent workload (embeddings, small-model calls, a 70B call, a
+   405B-class call, a LoRA fine-tune) and starts one EMULATED worker (a local CPU
+   process standing in for the chip) for each accelerator and device tier chosen.
+3. Submits everything in one batch, prints where each task went and why, the real
+   results the CPU reference handlers computed, and the estimated cost against running
+   the same work on on-demand H100s (AWS p5).
+4. Stops every process it started, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fleet.client import Fleet, TaskHandle
+from fleet.embedded import embedded_redis
+from fleet.placement import NoPlacementError, Policy, place
+from fleet.settings import Settings, masked
+from fleet.spec import TaskSpec, parse_spec
+from fleet.status import collect
+
+console = Console(width=None if sys.stdout.isatty() else 132)
+READY_TIMEOUT_S = 60.0
+RESULT_TIMEOUT_S = 60.0
+
+TEXTS = [
+    "spot capacity is cheaper than on-demand capacity",
+    "on-demand instances cost more but are not interrupted",
+    "the cat sat on the mat",
+]
+
+
+def workload() -> list[tuple[str, dict[str, Any]]]:
+    """The demo's multi-agent pipeline: (step name, TaskSpec JSON)."""
+    minilm = {"name": "all-minilm-l6-v2", "params_b": 0.0227, "dtype": "fp32"}
+    llama8 = {"name": "llama-3.1-8b-instruct", "params_b": 8, "dtype": "bf16"}
+    steps: list[tuple[str, dict[str, Any]]] = [
+        (
+            f"embed docs {i}",
+            {"kind": "embedding", "model": minilm, "input": {"texts": TEXTS}, "tokens_in": 40},
+        )
+        for i in range(3)
+    ]
+    steps += [
+        (
+            f"agent call {i}",
+            {
+                "kind": "inference",
+                "model": llama8,
+                "input": {"prompt": "the queue", "seed": i},
+                "tokens_in": 600,
+                "tokens_out": 24,
+                "slo": {"deadline_s": 30},
+                "priority": 5,
+            },
+        )
+        for i in range(4)
+    ]
+    steps += [
+        (
+            "planner (70B)",
+            {
+                "kind": "inference",
+                "model": {"name": "llama-3.3-70b-instruct", "params_b": 70, "dtype": "fp8"},
+                "input": {"prompt": "a plan for the cluster", "seed": 11},
+                "tokens_in": 3000,
+                "tokens_out": 48,
+                "slo": {"deadline_s": 120},
+            },
+        ),
+        (
+            "judge (405B bf16)",
+            {
+                "kind": "inference",
+                "model": {"name": "llama-3.1-405b-instruct", "params_b": 405, "dtype": "bf16"},
+                "input": {"prompt": "the final answer", "seed": 5},
+                "tokens_in": 4000,
+                "tokens_out": 32,
+                "slo": {"deadline_s": 300},
+            },
+        ),
+        (
+            "fine-tune (8B LoRA)",
+            {
+                "kind": "fine_tune",
+                "model": llama8,
+                "input": {"steps": 150, "seed": 2},
+                "tokens_in": 2_000_000,
+                "budget": {"max_usd": 5},
+            },
+        ),
+    ]
+    return steps
+
+
+def h100_baseline(spec: TaskSpec) -> TaskSpec:
+    """The same task pinned to on-demand H100s on AWS (p5): what a homogeneous fleet pays."""
+    data = spec.model_dump(mode="json")
+    data["requirements"] = {
+        "accelerators": ["nvidia-h100"],
+        "clouds": ["aws"],
+        "markets": ["on_demand"],
+    }
+    data["slo"] = {}
+    data["budget"] = {}
+    return parse_spec(data)
+
+
+@contextlib.contextmanager
+def broker_url() -> Iterator[str]:
+    """FLEET_BROKER_URL when configured, else a throwaway Redis."""
+    configured = os.environ.get("FLEET_BROKER_URL")
+    if configured:
+        console.print(f"broker: {masked(configured)} (FLEET_BROKER_URL)")
+        yield configured
+        return
+    with embedded_redis() as url:
+        console.print(f"broker: throwaway Redis at {url} (no FLEET_BROKER_URL configured)")
+        yield url
+
+
+@contextlib.contextmanager
+def emulated_workers(
+    fleet: Fleet, env: dict[str, str], tiers: dict[str, int], log_dir: Path
+) -> Iterator[list[str]]:
+    """One emulated worker per accelerator, with enough devices for its largest task."""
+    procs: list[tuple[subprocess.Popen[bytes], str]] = []
+    try:
+        for accelerator, devices in sorted(tiers.items()):
+            node = f"{accelerator}-demo-{uuid.uuid4().hex[:4]}@localhost"
+            log = (log_dir / f"{accelerator}.log").open("wb")
+            cmd = [
+                sys.executable,
+                "-m",
+                "fleet.cli",
+                "worker",
+                "--accelerator",
+                accelerator,
+                "--devices",
+                str(devices),
+                "--concurrency",
+                "1",
+                "--hostname",
+                node,
+                "--loglevel",
+                "WARNING",
+            ]
+            procs.append(
+                (
+                    subprocess.Popen(
+                        cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+                    ),
+                    node,
+                )
+            )  # noqa: S603 - our own CLI
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        waiting = {node for _, node in procs}
+        while waiting and time.monotonic() < deadline:
+            for proc, node in procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"worker {node} exited with {proc.returncode}; see {log_dir}"
+                    )
+            replies = fleet.app.control.ping(destination=sorted(waiting), timeout=0.5)
+            waiting -= {name for reply in replies for name in reply}
+        if waiting:
+            raise RuntimeError(
+                f"workers not ready in {READY_TIMEOUT_S:g} s: {sorted(waiting)}; logs in {log_dir}"
+            )
+        yield [node for _, node in procs]
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _summary(output: dict[str, Any]) -> str:
+    kind = output.get("kind")
+    if kind == "embedding":
+        return f"{len(output['embeddings'])} vectors of dim {output['dim']}"
+    if kind == "inference":
+        return f'"{str(output["text"])[:48]}..."'
+    if kind in ("fine_tune", "training"):
+        return f"loss {output['loss_first']:.3f} -> {output['loss_last']:.3f}, checkpoint written"
+    return str(output)[:60]
+
+
+def _print_routes(named: list[tuple[str, TaskSpec]], handles: list[TaskHandle]) -> None:
+    table = Table(
+        "step", "queue", "offer the estimate uses", "why", "est. $", title="where each task went"
+    )
+    for (name, _), h in zip(named, handles, strict=True):
+        p = h.placement
+        table.add_row(
+            name,
+            p.queue,
+            f"{p.offer.cloud} {p.offer.instance_type} {p.offer.market.value}",
+            p.reasons[0],
+            f"{p.estimated_cost_usd:.6f}",
+        )
+    console.print(table)
+
+
+def _print_results(named: list[tuple[str, TaskSpec]], handles: list[TaskHandle]) -> None:
+    table = Table(
+        "step", "ran on", "result (computed by the CPU reference handler)", title="results"
+    )
+    for (name, _), h in zip(named, handles, strict=True):
+        r = h.get(timeout=RESULT_TIMEOUT_S)
+        tag = " (emulated)" if r["emulated"] else ""
+        table.add_row(name, f"{r['accelerator']}{tag} x{len(r['devices'])}", _summary(r["output"]))
+    console.print(table)
+
+
+def _print_costs(
+    fleet: Fleet, named: list[tuple[str, TaskSpec]], handles: list[TaskHandle]
+) -> None:
+    ours = baseline = 0.0
+    missing: list[str] = []
+    for (name, spec), h in zip(named, handles, strict=True):
+        try:
+            base = place(h100_baseline(spec), fleet.catalog, None, Policy.COST)
+        except NoPlacementError as exc:
+            reason = next(
+                (r.reason for r in exc.rejected if r.accelerator == "nvidia-h100"), str(exc)
+            )
+            missing.append(f"{name}: cannot run on H100s ({reason})")
+            continue
+        ours += h.placement.estimated_cost_usd
+        baseline += base.estimated_cost_usd
+    console.print(
+        f"\nestimated cost of the tasks both fleets can run: fleet ${ours:.6f} vs on-demand H100 (AWS p5) ${baseline:.6f}"
+        + (f"  ->  {baseline / ours:.1f}x cheaper" if ours > 0 else "")
+    )
+    for line in missing:
+        console.print(f"  not comparable: {line}")
+    console.print(
+        "  (estimates from the catalog's prices and the throughput model; the workers here are emulated, so their wall time says nothing about the chips)"
+    )
+
+
+def run_demo() -> int:
+    """Run the demo; returns the process exit code."""
+    started = time.monotonic()
+    named = [(name, parse_spec(raw)) for name, raw in workload()]
+
+    def _stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        with broker_url() as url, tempfile.TemporaryDirectory(prefix="fleet-demo-") as tmp:
+            backend = url if url.startswith(("redis://", "rediss://")) else "rpc://"
+            env = {
+                "FLEET_BROKER_URL": url,
+                "FLEET_RESULT_BACKEND": os.environ.get("FLEET_RESULT_BACKEND", backend),
+                "FLEET_ARTIFACT_DIR": str(Path(tmp) / "artifacts"),
+            }
+            settings = Settings.from_env({**os.environ, **env})
+            with Fleet(settings) as fleet:
+                routes = [fleet.route(spec) for _, spec in named]
+                tiers: dict[str, int] = {}
+                for p in routes:
+                    tiers[p.accelerator] = max(tiers.get(p.accelerator, 1), p.devices)
+                console.print(
+                    f"starting {len(tiers)} emulated workers (CPU processes standing in for: {', '.join(sorted(tiers))})"
+                )
+                with emulated_workers(fleet, env, tiers, Path(tmp)):
+                    fleet.refresh_stats()  # the workers just registered: see them now
+                    handles = fleet.submit_many([spec for _, spec in named])
+                    _print_routes(named, handles)
+                    _print_results(named, handles)
+                    report = collect(settings, fleet.catalog, fleet.app)
+                    labels = [
+                        f"{w.accelerator} x{w.devices} ({'emulated' if w.emulated else 'real'})"
+                        for w in report.workers
+                    ]
+                    console.print(f"workers: {', '.join(labels)}")
+                    console.print(
+                        f"queues still holding work: {sum(q.ready for q in report.queues)}"
+                    )
+                _print_costs(fleet, named, handles)
+    except KeyboardInterrupt:
+        console.print("\ninterrupted: every process the demo started has been stopped")
+        return 130
+    console.print(
+        f"\ndemo finished in {time.monotonic() - started:.1f} s; all processes it started are stopped"
+    )
+    return 0
