@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,13 +27,13 @@ from rich.table import Table
 
 from fleet.client import Fleet, TaskHandle
 from fleet.embedded import embedded_redis
+from fleet.localworkers import LocalWorker, spawn_worker, stop_workers, wait_ready
 from fleet.placement import NoPlacementError, Policy, place
 from fleet.settings import Settings, masked
 from fleet.spec import TaskSpec, parse_spec
 from fleet.status import collect
 
 console = Console(width=None if sys.stdout.isatty() else 132)
-READY_TIMEOUT_S = 60.0
 RESULT_TIMEOUT_S = 60.0
 
 TEXTS = [
@@ -137,62 +135,18 @@ def broker_url() -> Iterator[str]:
 @contextlib.contextmanager
 def emulated_workers(
     fleet: Fleet, env: dict[str, str], tiers: dict[str, int], log_dir: Path
-) -> Iterator[list[str]]:
+) -> Iterator[list[LocalWorker]]:
     """One emulated worker per accelerator, with enough devices for its largest task."""
-    procs: list[tuple[subprocess.Popen[bytes], str]] = []
+    workers: list[LocalWorker] = []
     try:
         for accelerator, devices in sorted(tiers.items()):
-            node = f"{accelerator}-demo-{uuid.uuid4().hex[:4]}@localhost"
-            log = (log_dir / f"{accelerator}.log").open("wb")
-            cmd = [
-                sys.executable,
-                "-m",
-                "fleet.cli",
-                "worker",
-                "--accelerator",
-                accelerator,
-                "--devices",
-                str(devices),
-                "--concurrency",
-                "1",
-                "--hostname",
-                node,
-                "--loglevel",
-                "WARNING",
-            ]
-            procs.append(
-                (
-                    subprocess.Popen(
-                        cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
-                    ),
-                    node,
-                )
-            )  # noqa: S603 - our own CLI
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        waiting = {node for _, node in procs}
-        while waiting and time.monotonic() < deadline:
-            for proc, node in procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"worker {node} exited with {proc.returncode}; see {log_dir}"
-                    )
-            replies = fleet.app.control.ping(destination=sorted(waiting), timeout=0.5)
-            waiting -= {name for reply in replies for name in reply}
-        if waiting:
-            raise RuntimeError(
-                f"workers not ready in {READY_TIMEOUT_S:g} s: {sorted(waiting)}; logs in {log_dir}"
+            workers.append(
+                spawn_worker(env, accelerator, log_dir, devices=devices, loglevel="WARNING")
             )
-        yield [node for _, node in procs]
+        wait_ready(fleet.app, workers)
+        yield workers
     finally:
-        for proc, _ in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_workers(workers)
 
 
 def _summary(output: dict[str, Any]) -> str:

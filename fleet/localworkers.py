@@ -1,0 +1,103 @@
+"""Local ``fleet worker`` processes: how the demo, the tests and (later) the local provider start them.
+
+Each process is a real Celery worker (``python -m fleet.cli worker``); with an
+accelerator this machine does not have, it is an emulated one and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from celery import Celery
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class LocalWorker:
+    """A started worker process and its Celery node name."""
+
+    proc: subprocess.Popen[bytes]
+    node: str
+    log_path: Path
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the worker's log, for error messages."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def spawn_worker(
+    env: Mapping[str, str],
+    accelerator: str,
+    log_dir: Path,
+    *,
+    devices: int = 1,
+    concurrency: int = 1,
+    pool: str = "prefork",
+    loglevel: str = "INFO",
+    node: str | None = None,
+) -> LocalWorker:
+    """Start one worker process (returns at once; see ``wait_ready``)."""
+    node = node or f"{accelerator}-{uuid.uuid4().hex[:6]}@localhost"
+    log_path = log_dir / f"worker-{node.replace('@', '_')}.log"
+    cmd = [
+        sys.executable, "-m", "fleet.cli", "worker",
+        "--accelerator", accelerator, "--devices", str(devices), "--concurrency", str(concurrency),
+        "--pool", pool, "--hostname", node, "--loglevel", loglevel,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        # Our own CLI with a fixed argv: nothing untrusted reaches the command line.
+        child_env = {**os.environ, **env}
+        proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+    return LocalWorker(proc, node, log_path)
+
+
+def wait_ready(
+    app: Celery, workers: Iterable[LocalWorker], timeout_s: float = READY_TIMEOUT_S
+) -> None:
+    """Block until every worker answers Celery's ping.
+
+    Raises:
+        RuntimeError: a worker exited or did not answer in time (with its log's tail).
+
+    """
+    pending = {w.node: w for w in workers}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        for w in pending.values():
+            if w.proc.poll() is not None:
+                raise RuntimeError(
+                    f"worker {w.node} exited with {w.proc.returncode}:\n{w.log_tail()}"
+                )
+        if time.monotonic() > deadline:
+            w = next(iter(pending.values()))
+            raise RuntimeError(f"worker {w.node} not ready in {timeout_s:g} s:\n{w.log_tail()}")
+        for reply in app.control.ping(destination=sorted(pending), timeout=0.5) or []:
+            for name in reply:
+                pending.pop(name, None)
+
+
+def stop_workers(workers: Iterable[LocalWorker], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Warm shutdown (SIGTERM) of all, then SIGKILL for any that hang."""
+    started = list(workers)
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+    for w in started:
+        try:
+            w.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait()
