@@ -1,4 +1,3 @@
-# Copyright 2026 The fleet authors. Licensed under the Apache License 2.0.
 """Handlers do real work, deterministically, and fail only with HandlerError on bad input."""
 
 from __future__ import annotations

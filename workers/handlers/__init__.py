@@ -1,4 +1,3 @@
-# Copyright 2026 The fleet authors. Licensed under the Apache License 2.0.
 """Handlers: CPU reference implementations that do a task's real work.
 
 Contract:

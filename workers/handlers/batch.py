@@ -1,4 +1,3 @@
-# Copyright 2026 The fleet authors. Licensed under the Apache License 2.0.
 """Batch operations that need no model: ``echo`` and ``noop``.
 
 ``run_handler`` routes a ``batch`` task on ``input.op`` (``workers.handlers.BATCH_OPS``);

@@ -1,4 +1,3 @@
-# Copyright 2026 The fleet authors. Licensed under the Apache License 2.0.
 """Hashing embeddings: a real, deterministic text embedding computed on the CPU.
 
 Each text is tokenized into lowercase words and the character trigrams of each word

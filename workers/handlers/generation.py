@@ -1,4 +1,3 @@
-# Copyright 2026 The fleet authors. Licensed under the Apache License 2.0.
 """Text generation: a real word-level trigram language model, trained on first use.
 
 The model is trained once per process on ``corpus.txt`` (shipped beside this module):

@@ -1,4 +1,3 @@
-# Copyright 2026 The fleet authors. Licensed under the Apache License 2.0.
 """Training and fine-tuning: a real, short training loop on a synthetic task.
 
 The model is a 2-layer MLP (``FEATURES`` inputs, tanh hidden layer, softmax over
