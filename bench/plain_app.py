@@ -10,7 +10,12 @@ import os
 from celery import Celery
 
 app = Celery("plain", broker=os.environ["FLEET_BROKER_URL"], backend=os.environ["FLEET_BROKER_URL"])
-app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"], worker_hijack_root_logger=False)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_hijack_root_logger=False,
+)
 
 
 @app.task(name="plain.noop")

@@ -11,7 +11,10 @@ Choices and why:
   longest of them (the Celery trap where a long job runs twice, celery#5935); on
   RabbitMQ the same bound is set per queue with ``x-consumer-timeout`` (3.12+; older
   servers apply their server-wide ``consumer_timeout``).
-* Priorities 0-9 on both brokers (Redis through kombu's priority sub-queues).
+* Priorities 0-9 on both brokers; Redis groups them in four bands (kombu's priority
+  sub-queues), RabbitMQ keeps all ten.
+* Task events are off by default: Flower switches them on at run time
+  (``enable_events``) while it watches; always-on events halve trivial-task throughput.
 
 ``app`` is the module-level app the worker and ``celery -A fleet.app`` use;
 ``create_app(settings)`` builds another, e.g. for a client talking to another broker.
@@ -25,7 +28,7 @@ from typing import Any
 from celery import Celery
 
 from fleet.catalog import default_catalog
-from fleet.queues import DEFAULT_EXCHANGE, all_queue_names, kombu_queue
+from fleet.queues import DEFAULT_EXCHANGE, REDIS_PRIORITY_STEPS, all_queue_names, kombu_queue
 from fleet.routing import TASK_NAME, route_task
 from fleet.settings import Settings
 from fleet.spec import TaskKind
@@ -50,7 +53,7 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
         return {"confirm_publish": True}
     return {
         "visibility_timeout": REDELIVERY_WINDOW_S,
-        "priority_steps": list(range(10)),
+        "priority_steps": list(REDIS_PRIORITY_STEPS),
         "sep": ":",
         "queue_order_strategy": "priority",
     }
@@ -91,7 +94,6 @@ def create_app(settings: Settings | None = None) -> Celery:
         else {},
         broker_connection_retry_on_startup=True,
         result_expires=24 * 3600,
-        worker_send_task_events=True,
         worker_hijack_root_logger=False,
         include=["workers.tasks"],
     )

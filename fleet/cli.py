@@ -9,15 +9,18 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Column, Table
 
 from fleet.catalog import Catalog, CatalogError, default_catalog, load_catalog
 from fleet.placement import NoPlacementError, Placement, Policy, place
 from fleet.settings import Settings, masked
 from fleet.spec import SpecError, TaskSpec, parse_spec
 
-console = Console()
-err = Console(stderr=True)
+# Not a terminal (a pipe, a file, CI): wide enough that tables never truncate names,
+# so `fleet catalog | grep p5.48xlarge` works.
+console = Console(width=None if sys.stdout.isatty() else 250)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
 
 EXIT_INPUT = 2
 
@@ -76,7 +79,7 @@ def _parse_one(path: str) -> TaskSpec:
 def _spec_error(exc: SpecError) -> NoReturn:
     err.print("[red]invalid task spec:[/]")
     for field, msg in exc.errors:
-        err.print(f"  {field or '(spec)'}: {msg}")
+        err.print(f"  {escape(field or '(spec)')}: {escape(msg)}")
     sys.exit(EXIT_INPUT)
 
 
@@ -234,7 +237,7 @@ def catalog(as_json: bool, catalog_dir: str | None) -> None:
         )
         return
     fam = Table(
-        "accelerator",
+        Column("accelerator", no_wrap=True, min_width=16),
         "memory/device",
         "TB/s",
         "bf16 TFLOPS",
@@ -256,11 +259,12 @@ def catalog(as_json: bool, catalog_dir: str | None) -> None:
             str(len(cat.offers_by_family[f.name])),
         )
     console.print(fam)
+    # Names never shrink or wrap: `fleet catalog | grep p5.48xlarge` must find them.
     offers = Table(
         "cloud",
         "region",
-        "instance",
-        "accelerator",
+        Column("instance", no_wrap=True, min_width=max(len(o.instance_type) for o in cat.offers)),
+        Column("accelerator", no_wrap=True, min_width=16),
         "n",
         "GB/dev",
         "on-demand $/h",

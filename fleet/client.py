@@ -112,6 +112,11 @@ class Fleet:
     def _options(self, spec: TaskSpec, placement: Placement) -> dict[str, Any]:
         limit = TIME_LIMITS[spec.kind]
         return {
+            # A short summary instead of Celery's repr of the whole spec: task inputs can
+            # be large or sensitive and do not belong in events, Flower or logs; it also
+            # spares Celery's saferepr, the costliest step of building a message.
+            "argsrepr": f"(<TaskSpec {spec.kind.value} {spec.model.name} {spec.model.params_b:g}B {spec.model.dtype.value}>,)",
+            "kwargsrepr": f"{{'placement': '{placement.queue}'}}",
             "queue": placement.queue,
             "routing_key": placement.queue,
             "priority": broker_priority(spec.priority, is_redis=self.settings.is_redis),
@@ -176,30 +181,59 @@ class Fleet:
 
         """
         prepared: list[tuple[TaskSpec, Placement, str]] = []
-        loads = self._stats.loads()
+        loads = self._stats.loads()  # one snapshot for the whole batch
+        decided: dict[tuple[Any, ...], Placement] = {}
         for i, raw in enumerate(specs):
             try:
                 spec = raw if isinstance(raw, TaskSpec) else parse_spec(raw)
-                placement = place(spec, self.catalog, loads, policy, None, self.settings.namespace)
+                key = (spec.kind, spec.model, spec.tokens_in, spec.tokens_out, spec.requirements,
+                       spec.training_method, spec.slo, spec.budget)  # fmt: skip
+                placement = decided.get(key) or place(
+                    spec, self.catalog, loads, policy, None, self.settings.namespace
+                )
+                decided[key] = placement
             except ValueError as exc:
-                exc.args = (
-                    f"[{i}] {exc}",
-                )  # keep the type (SpecError, NoPlacementError); name the index
+                # Keep the type (SpecError, NoPlacementError); name the index.
+                exc.args = (f"[{i}] {exc}",)
                 raise
             prepared.append((spec, placement, task_id_for(spec)))
         handles: list[TaskHandle] = []
-        with self.app.producer_or_acquire() as producer, producer.batch(BATCH_SIZE):
-            for spec, placement, task_id in prepared:
-                result = self.app.send_task(
-                    TASK_NAME,
-                    args=(spec.model_dump(mode="json"),),
-                    kwargs=self._kwargs(placement),
-                    task_id=task_id,
-                    producer=producer,
-                    **self._options(spec, placement),
-                )
-                handles.append(TaskHandle(task_id, placement, result))
+        amqp = self.app.amqp
+        with self.app.producer_or_acquire() as producer:
+            for queue in {p.queue for _, p, _ in prepared}:  # declare each queue once
+                producer.maybe_declare(amqp.queues[queue])
+            with producer.batch(BATCH_SIZE):
+                self._publish_prepared(producer, prepared, handles)
         return handles
+
+    def _publish_prepared(
+        self,
+        producer: Any,  # noqa: ANN401 - kombu's Producer is untyped
+        prepared: list[tuple[TaskSpec, Placement, str]],
+        handles: list[TaskHandle],
+    ) -> None:
+        """Publish prepared tasks through ``producer`` (inside its batch).
+
+        Celery's own message builder and publisher (the two halves of ``send_task``),
+        without its per-task result subscription (a round trip each; a handle
+        subscribes when ``.get()`` waits), per-message queue declaration (done once per
+        batch) or per-message retry (a failed batch raises, delivery uncertain).
+        """
+        amqp = self.app.amqp
+        for spec, placement, task_id in prepared:
+            options = self._options(spec, placement)
+            message = amqp.create_task_message(
+                task_id,
+                TASK_NAME,
+                (spec.model_dump(mode="json"),),
+                self._kwargs(placement),
+                time_limit=options.pop("time_limit"),
+                soft_time_limit=options.pop("soft_time_limit"),
+                argsrepr=options.pop("argsrepr"),
+                kwargsrepr=options.pop("kwargsrepr"),
+            )
+            amqp.send_task_message(producer, TASK_NAME, message, declare=[], retry=False, **options)
+            handles.append(TaskHandle(task_id, placement, AsyncResult(task_id, app=self.app)))
 
     def result(self, task_id: str) -> AsyncResult[Any]:
         """The Celery result handle for a task id."""

@@ -19,6 +19,9 @@ from fleet.catalog import Catalog, Family
 from fleet.spec import TaskKind
 
 MAX_PRIORITY = 9
+# Redis emulates priorities with one list per step; each step is one more key in every
+# worker's BRPOP, so fleet uses four bands (kombu's default) for the ten levels.
+REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 DEFAULT_EXCHANGE = Exchange("fleet", type="direct", durable=True)
 DEVICE_TIERS = (1, 2, 4, 6, 8, 12, 16, 32, 64)
 

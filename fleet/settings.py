@@ -57,11 +57,9 @@ def masked(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None and "@" not in parts.netloc:
+    if "@" not in parts.netloc:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    netloc = f"{user}:***@{host}" if user or parts.password else f"***@{host}"
+    userinfo, host = parts.netloc.rsplit("@", 1)  # host keeps its brackets and port as written
+    # "user:password" keeps the user; a bare userinfo may itself be a token, so it goes.
+    netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -67,7 +68,8 @@ BYTES_PER_PARAM: dict[DType, float] = {
     DType.INT4: 0.5,
 }
 
-_STRICT = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+# Strings are kept verbatim: a prompt's indentation and trailing newline are its content.
+_STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
 class ModelRef(BaseModel):
@@ -75,14 +77,22 @@ class ModelRef(BaseModel):
 
     model_config = _STRICT
 
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
     params_b: Annotated[float, Field(gt=0, le=100_000, description="billions of parameters")]
     dtype: DType = DType.BF16
 
 
 def closest_accelerators(name: str, n: int = 3) -> list[str]:
-    """Up to ``n`` canonical accelerator names close to ``name``."""
-    return difflib.get_close_matches(name.lower(), accelerator_names(), n=n, cutoff=0.4)
+    """Canonical accelerator names close to ``name``.
+
+    Names that contain ``name`` come first (all of them: ``nvidia-a100`` suggests both
+    A100 variants), then up to ``n`` spelling neighbours.
+    """
+    wanted = name.strip().lower()
+    names = accelerator_names()
+    containing = [c for c in names if wanted and wanted in c]
+    similar = difflib.get_close_matches(wanted, names, n=n, cutoff=0.4)
+    return containing + [c for c in similar if c not in containing][: max(0, n - len(containing))]
 
 
 def _check_accelerators(names: tuple[str, ...]) -> tuple[str, ...]:
@@ -154,6 +164,13 @@ class TaskSpec(BaseModel):
     idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     training_method: Literal["full", "lora"] | None = None
 
+    @field_validator("input")
+    @classmethod
+    def _finite(cls, value: JsonValue | None) -> JsonValue | None:
+        if not _all_finite(value):
+            raise ValueError("NaN and infinite numbers are not JSON")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> TaskSpec:
         if self.input is not None and self.input_uri is not None:
@@ -180,6 +197,19 @@ class TaskSpec(BaseModel):
         if self.training_method is not None:
             return self.training_method
         return "lora" if self.kind is TaskKind.FINE_TUNE else "full"
+
+
+def _all_finite(value: JsonValue | None) -> bool:
+    stack: list[JsonValue | None] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 class SpecError(ValueError):

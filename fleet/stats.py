@@ -21,10 +21,10 @@ from kombu import Connection
 from kombu.exceptions import ChannelError, OperationalError
 
 from fleet.placement import QueueLoad
+from fleet.queues import REDIS_PRIORITY_STEPS
 from fleet.registry import live_workers
 
 REDIS_PRIORITY_SEP = ":"
-REDIS_PRIORITY_STEPS = range(1, 10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class RedisStats:
         pipe = self._client.pipeline(transaction=False)
         for q in queues:
             pipe.llen(q)
-            for p in REDIS_PRIORITY_STEPS:
+            for p in REDIS_PRIORITY_STEPS[1:]:
                 pipe.llen(f"{q}{REDIS_PRIORITY_SEP}{p}")
         counts = pipe.execute()
         unacked = self._unacked()
@@ -73,11 +73,11 @@ class RedisStats:
             for q in w.queues:
                 consumers[q] = consumers.get(q, 0) + 1
         out = {}
-        width = 1 + len(REDIS_PRIORITY_STEPS)
+        width = len(REDIS_PRIORITY_STEPS)
         for i, q in enumerate(queues):
             row = counts[i * width : (i + 1) * width]
-            # Redis priority p is fleet priority 9 - p (kombu: 0 is the most urgent).
-            by_pri = {9 - p: int(n) for p, n in zip(range(10), row, strict=True) if n}
+            # Redis band p holds fleet priorities 9 - p and below (kombu: 0 is the most urgent).
+            by_pri = {9 - p: int(n) for p, n in zip(REDIS_PRIORITY_STEPS, row, strict=True) if n}
             out[q] = QueueStats(q, sum(row), unacked.get(q, 0), consumers.get(q, 0), by_pri)
         return out
 

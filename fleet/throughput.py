@@ -71,8 +71,11 @@ def estimate(spec: TaskSpec, family: Family, devices: int, vcpus: int | None = N
     if spec.kind is TaskKind.EMBEDDING or spec.tokens_out == 0:
         return Estimate(prefill, prefill)
     weight_gb = spec.model.params_b * BYTES_PER_PARAM[spec.model.dtype]
-    per_stream = n * family.memory_bandwidth_gbps * family.decode_efficiency / weight_gb
-    aggregate = min(per_stream * family.batch_gain, compute / (2.0 * params))
+    compute_cap = compute / (2.0 * params)  # tokens/s the matrix units allow
+    per_stream = min(
+        n * family.memory_bandwidth_gbps * family.decode_efficiency / weight_gb, compute_cap
+    )
+    aggregate = min(per_stream * family.batch_gain, compute_cap)
     return Estimate(
         prefill + spec.tokens_out / per_stream,
         prefill + spec.tokens_out / aggregate,
@@ -85,7 +88,8 @@ def aggregate_tokens_per_s(
     """Aggregate decode rate of a busy server (used by the calibration test and the planner)."""
     n = float(devices)
     compute = n * family.bf16_tflops * 1e12 * _mfu(family, params_b, n, PEAK_MFU)
-    per_stream = (
+    compute_cap = compute / (2.0 * params_b * 1e9)
+    bandwidth_rate = (
         n * family.memory_bandwidth_gbps * family.decode_efficiency / (params_b * dtype_bytes)
     )
-    return min(per_stream * family.batch_gain, compute / (2.0 * params_b * 1e9))
+    return min(min(bandwidth_rate, compute_cap) * family.batch_gain, compute_cap)

@@ -103,7 +103,6 @@ def start(
             loglevel,
             "--without-gossip",
             "--without-mingle",
-            "--task-events",
         ]
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ class TaskRefusedError(Exception):
 
 
 _leases: DeviceLeases | None = None
+
+
+@cache
+def _settings() -> Settings:
+    return Settings.from_env()
 
 
 def _device_leases(devices: int) -> DeviceLeases:
@@ -58,7 +64,7 @@ def run(
         raise TaskRefusedError(
             f"needs {need:,.1f} GB; this worker ({me.label}) holds {me.devices} x {me.memory_gb:g} GB"
         )
-    settings = Settings.from_env()
+    settings = _settings()
     started = time.time()
     t0 = time.perf_counter()
     with _device_leases(me.devices).lease(devices) as leased:

@@ -184,7 +184,9 @@ def test_offer_fit_on_real_offers(instance_type, params_b, dtype, expected):
         pytest.param(
             "inf2.24xlarge", 100, "bf16", ["240.0 GB", "6 x 32 = 192 GB"], id="100b-on-inf2.24xl"
         ),
-        pytest.param("g6.xlarge", 70, "bf16", ["168.0 GB", "1 x 24 = 24 GB"], id="70b-on-g6.xlarge"),
+        pytest.param(
+            "g6.xlarge", 70, "bf16", ["168.0 GB", "1 x 24 = 24 GB"], id="70b-on-g6.xlarge"
+        ),
     ],
 )
 def test_offer_fit_reason_shows_the_gap(instance_type, params_b, dtype, fragments):
@@ -215,9 +217,7 @@ def test_min_accelerator_memory_refuses_small_devices():
     [
         pytest.param("nvidia-t4", {"dtype": "bf16"}, "no bf16 support", id="t4-refuses-bf16"),
         pytest.param("nvidia-t4", {"dtype": "fp8"}, "no fp8 support", id="t4-refuses-fp8"),
-        pytest.param(
-            "nvidia-a100-80gb", {"dtype": "fp8"}, "no fp8 support", id="a100-refuses-fp8"
-        ),
+        pytest.param("nvidia-a100-80gb", {"dtype": "fp8"}, "no fp8 support", id="a100-refuses-fp8"),
         pytest.param("google-tpu-v5e", {"dtype": "fp16"}, "no fp16 support", id="tpu-no-fp16"),
         pytest.param(
             "aws-inferentia2",

@@ -37,6 +37,14 @@ def chosen_offer(p: Placement):
     return OFFERS[p.offer.cloud, p.offer.region, p.offer.instance_type]
 
 
+def attempt(spec, **kwargs) -> Placement | NoPlacementError:
+    """``place(spec, CATALOG, **kwargs)``, returning the NoPlacementError instead of raising it."""
+    try:
+        return place(spec, CATALOG, **kwargs)
+    except NoPlacementError as exc:
+        return exc
+
+
 def reasons_by_family(rejected) -> dict[str, str]:
     """``{accelerator: reason}``, checking each family appears once."""
     names = [r.accelerator for r in rejected]
@@ -63,10 +71,9 @@ def test_405b_fp8_never_lands_on_an_offer_smaller_than_486_gb(clouds, markets, p
         tokens_out=300,
         requirements={"clouds": clouds, "markets": markets},
     )
-    try:
-        p = place(spec, CATALOG, policy=policy)
-    except NoPlacementError as exc:
-        assert {r.accelerator for r in exc.rejected} == FAMILIES
+    p = attempt(spec, policy=policy)
+    if isinstance(p, NoPlacementError):
+        assert {r.accelerator for r in p.rejected} == FAMILIES
         return
     offer = chosen_offer(p)
     assert p.memory_needed_gb == pytest.approx(486)
@@ -88,13 +95,10 @@ def test_405b_bf16_lands_on_h200_x8_and_never_h100():
 def test_405b_bf16_never_on_h100_whatever_the_policy(policy):
     """No policy or filter puts 405B bf16 on nvidia-h100."""
     for clouds in CLOUD_FILTERS:
-        spec = make_spec(
-            "inference", 405, "bf16", tokens_out=100, requirements={"clouds": clouds}
-        )
-        try:
-            p = place(spec, CATALOG, policy=policy)
-        except NoPlacementError as exc:
-            h100 = reasons_by_family(exc.rejected)["nvidia-h100"]
+        spec = make_spec("inference", 405, "bf16", tokens_out=100, requirements={"clouds": clouds})
+        p = attempt(spec, policy=policy)
+        if isinstance(p, NoPlacementError):
+            h100 = reasons_by_family(p.rejected)["nvidia-h100"]
             assert "972.0 GB" in h100 or h100 == "no offer in the allowed clouds or markets"
             continue
         assert p.accelerator == "nvidia-h200"
@@ -145,9 +149,9 @@ def test_requirements_accelerators_pins(family):
     spec = make_spec("inference", 1, requirements={"accelerators": [family]}, tokens_out=10)
     p = place(spec, CATALOG)
     assert p.accelerator == family
-    assert reasons_by_family(p.rejected) == {
-        name: f"not in requirements.accelerators ({family})" for name in FAMILIES - {family}
-    }
+    assert reasons_by_family(p.rejected) == dict.fromkeys(
+        FAMILIES - {family}, f"not in requirements.accelerators ({family})"
+    )
 
 
 def test_requirements_accelerators_chooses_among_the_allowed():
@@ -244,7 +248,9 @@ def test_impossible_deadline_raises_mentioning_deadline():
 
 def test_deadline_is_met_by_the_choice():
     """With no loads, the chosen family's run time is within the deadline."""
-    spec = make_spec("inference", 70, "bf16", tokens_in=2000, tokens_out=2000, slo={"deadline_s": 60})
+    spec = make_spec(
+        "inference", 70, "bf16", tokens_in=2000, tokens_out=2000, slo={"deadline_s": 60}
+    )
     p = place(spec, CATALOG)
     assert p.estimated_wait_s + p.estimated_duration_s <= 60
     assert not p.deadline_at_risk
@@ -345,7 +351,7 @@ def finish(p: Placement) -> float:
     ],
 )
 def test_fastest_picks_the_lowest_wait_plus_run(loads):
-    """policy fastest chooses the family with the earliest expected finish."""
+    """Policy fastest chooses the family with the earliest expected finish."""
     spec = make_spec(tokens_in=400, tokens_out=400)
     fastest = place(spec, CATALOG, loads=loads, policy=Policy.FASTEST)
     for family in FAMILIES - {fastest.accelerator}:
@@ -357,7 +363,7 @@ def test_fastest_picks_the_lowest_wait_plus_run(loads):
 
 
 def test_cost_picks_the_lowest_cost():
-    """policy cost chooses the family with the lowest estimated cost."""
+    """Policy cost chooses the family with the lowest estimated cost."""
     spec = make_spec(tokens_in=400, tokens_out=400)
     cheapest = place(spec, CATALOG)
     for family in FAMILIES - {cheapest.accelerator}:
@@ -369,7 +375,7 @@ def test_cost_picks_the_lowest_cost():
 
 
 def test_pinned_honours_pin():
-    """policy pinned places on ``pin``; the other candidates are refused as not pinned."""
+    """Policy pinned places on ``pin``; the other candidates are refused as not pinned."""
     spec = make_spec(**CHAT_8B)
     p = place(spec, CATALOG, policy=Policy.PINNED, pin="nvidia-l4")
     assert p.accelerator == "nvidia-l4"
@@ -379,13 +385,13 @@ def test_pinned_honours_pin():
 
 
 def test_pinned_defaults_to_the_first_required_accelerator():
-    """Without pin, policy pinned uses the first of requirements.accelerators."""
+    """Without pin, the pinned policy uses the first of requirements.accelerators."""
     spec = make_spec(requirements={"accelerators": ["nvidia-a10g", "nvidia-l4"]}, **CHAT_8B)
     assert place(spec, CATALOG, policy=Policy.PINNED).accelerator == "nvidia-a10g"
 
 
 def test_pinned_without_an_accelerator_raises_value_error():
-    """policy pinned with neither pin nor requirements.accelerators raises ValueError."""
+    """Policy pinned with neither pin nor requirements.accelerators raises ValueError."""
     with pytest.raises(ValueError, match="pinned needs an accelerator"):
         place(make_spec(**CHAT_8B), CATALOG, policy=Policy.PINNED)
 
@@ -449,38 +455,51 @@ def specs(draw):
     kind = draw(st.sampled_from(TaskKind))
     params = draw(
         st.sampled_from([0.02, 0.1, 1, 3, 8, 13, 34, 70, 180, 405, 1000])
-        | st.floats(min_value=0.01, max_value=2000)
+        | st.floats(min_value=0.01, max_value=100)
     )
     data = {
         "kind": kind.value,
         "model": {"name": "m", "params_b": params, "dtype": draw(st.sampled_from(DType)).value},
-        "tokens_in": draw(st.integers(1 if kind.value in TRAINING_KINDS else 0, 10**9)),
+        "tokens_in": draw(st.integers(1 if kind.value in TRAINING_KINDS else 0, 10**7)),
     }
     if kind in (TaskKind.INFERENCE, TaskKind.BATCH, TaskKind.FINE_TUNE):
-        data["tokens_out"] = draw(st.integers(0, 10**6))
+        data["tokens_out"] = draw(st.integers(0, 10**5))
     if kind.value in TRAINING_KINDS:
         data["training_method"] = draw(st.sampled_from([None, "full", "lora"]))
     names = sorted(FAMILIES)
-    allowed = draw(st.lists(st.sampled_from(names), unique=True, max_size=3))
+
+    def sometimes(strategy):
+        """Usually no constraint, sometimes a drawn one."""
+        return draw(
+            st.sampled_from([False, False, True]).flatmap(
+                lambda on: strategy if on else st.just([])
+            )
+        )
+
+    allowed = sometimes(st.lists(st.sampled_from(names), unique=True, min_size=1, max_size=4))
     data["requirements"] = {
         "accelerators": allowed,
-        "exclude": draw(
+        "exclude": sometimes(
             st.lists(st.sampled_from([n for n in names if n not in allowed]), max_size=3)
         ),
-        "runtimes": draw(st.lists(st.sampled_from(Runtime), unique=True, max_size=2)),
-        "clouds": draw(st.lists(st.sampled_from(["aws", "gcp", "azure"]), unique=True)),
-        "markets": draw(st.lists(st.sampled_from(["on_demand", "spot"]), unique=True)),
-        "min_accelerator_memory_gb": draw(st.none() | st.sampled_from([16, 24, 48, 80, 100])),
+        "runtimes": sometimes(st.lists(st.sampled_from(Runtime), unique=True, max_size=3)),
+        "clouds": sometimes(st.lists(st.sampled_from(["aws", "gcp", "azure"]), unique=True)),
+        "markets": sometimes(st.lists(st.sampled_from(["on_demand", "spot"]), unique=True)),
+        "min_accelerator_memory_gb": draw(st.sampled_from([None, None, None, 24, 48, 80, 100])),
     }
-    data["slo"] = {"deadline_s": draw(st.none() | st.floats(min_value=0.01, max_value=1e6))}
-    data["budget"] = {"max_usd": draw(st.none() | st.floats(min_value=1e-6, max_value=1e4))}
+    data["slo"] = {
+        "deadline_s": draw(st.none() | st.none() | st.floats(min_value=0.01, max_value=1e6))
+    }
+    data["budget"] = {
+        "max_usd": draw(st.none() | st.none() | st.floats(min_value=1e-6, max_value=1e4))
+    }
     return parse_spec(data)
 
 
 loads_strategy = st.none() | st.dictionaries(
     st.sampled_from(QUEUES),
-    st.builds(QueueLoad, st.integers(0, 1000), st.integers(0, 8)),
-    max_size=12,
+    st.builds(QueueLoad, st.integers(0, 200), st.integers(0, 8)),
+    max_size=16,
 )
 
 
@@ -491,11 +510,10 @@ loads_strategy = st.none() | st.dictionaries(
 )
 def test_every_decision_accounts_for_every_family(spec, loads, policy):
     """Each family is chosen or rejected exactly once; the choice fits, is affordable, and queues right."""
-    try:
-        p = place(spec, CATALOG, loads=loads, policy=policy)
-    except NoPlacementError as exc:
-        assert set(reasons_by_family(exc.rejected)) == FAMILIES
-        assert all(r.reason for r in exc.rejected)
+    p = attempt(spec, loads=loads, policy=policy)
+    if isinstance(p, NoPlacementError):
+        assert set(reasons_by_family(p.rejected)) == FAMILIES
+        assert all(r.reason for r in p.rejected)
         return
     reasons = reasons_by_family(p.rejected)
     assert p.accelerator not in reasons

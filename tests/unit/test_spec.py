@@ -55,7 +55,9 @@ BAD_SPECS = [
         spec_with(model={"name": "m", "params_b": 8, "dtype": "fp64"}), "model.dtype", id="dtype"
     ),
     pytest.param(
-        spec_with(model={"name": "m", "params_b": 8, "layers": 32}), "model.layers", id="model-extra"
+        spec_with(model={"name": "m", "params_b": 8, "layers": 32}),
+        "model.layers",
+        id="model-extra",
     ),
     pytest.param(spec_with(tokens_in=-1), "tokens_in", id="negative-tokens-in"),
     pytest.param(spec_with(tokens_out=-5), "tokens_out", id="negative-tokens-out"),
@@ -70,7 +72,9 @@ BAD_SPECS = [
         id="input-and-input-uri",
     ),
     pytest.param(spec_with(input_uri=""), "input_uri", id="empty-input-uri"),
-    pytest.param(spec_with(kind="embedding", tokens_out=5), "tokens_out", id="embedding-tokens-out"),
+    pytest.param(
+        spec_with(kind="embedding", tokens_out=5), "tokens_out", id="embedding-tokens-out"
+    ),
     pytest.param(
         spec_with(kind="training", tokens_in=1000, tokens_out=5),
         "tokens_out",
@@ -198,13 +202,6 @@ def test_unknown_accelerator_suggests_close_names(typed, expected):
         assert name in str(info.value)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: closest_accelerators('nvidia-a100') returns nvidia-h100, nvidia-a10g, nvidia-h200 "
-        "(difflib ratio on the whole name, n=3) and never the two A100 families"
-    ),
-    strict=True,
-)
 def test_nvidia_a100_suggests_both_a100_variants():
     """'nvidia-a100' suggests both nvidia-a100-40gb and nvidia-a100-80gb."""
     suggestions = set(closest_accelerators("nvidia-a100"))
@@ -257,13 +254,6 @@ def test_defaults():
     assert spec.budget.max_usd is None
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: str_strip_whitespace in the model config also strips strings inside `input`, "
-        "so a prompt's leading/trailing whitespace (code indentation, trailing newline) is lost"
-    ),
-    strict=True,
-)
 def test_input_payload_strings_are_kept_verbatim():
     """Strings inside ``input`` are the user's data and keep their whitespace."""
     prompt = "    def f():\n        return 1\n"
@@ -271,13 +261,6 @@ def test_input_payload_strings_are_kept_verbatim():
     assert spec.input == {"prompt": prompt, "texts": [" a ", "b\n"]}
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG: `input` accepts non-finite floats from a dict and spec_json then emits NaN, "
-        "which is not JSON (and the spec no longer round-trips to an equal object)"
-    ),
-    strict=True,
-)
 def test_non_finite_input_is_rejected_or_serialised_as_strict_json():
     """A NaN inside ``input`` is either refused or serialised as standard JSON."""
     try:
@@ -324,8 +307,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 names = st.text(min_size=1, max_size=40).map(str.strip).filter(bool)
@@ -361,7 +345,9 @@ def valid_specs(draw):
     families = accelerator_names()
     allowed = draw(st.lists(st.sampled_from(families), unique=True, max_size=4))
     excluded = draw(
-        st.lists(st.sampled_from([f for f in families if f not in allowed]), unique=True, max_size=4)
+        st.lists(
+            st.sampled_from([f for f in families if f not in allowed]), unique=True, max_size=4
+        )
     )
     data["requirements"] = {
         "accelerators": allowed,
