@@ -18,6 +18,7 @@ from typing import Any, Self
 
 import redis
 from celery import Celery
+from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
 
 from fleet.app import TASK_NAME, TIME_LIMITS, create_app
@@ -154,15 +155,8 @@ class Fleet:
         """
         spec = spec if isinstance(spec, TaskSpec) else parse_spec(spec)
         placement = self.route(spec, policy, pin)
-        task_id = task_id_for(spec)
-        result = self.app.send_task(
-            TASK_NAME,
-            args=(spec.model_dump(mode="json"),),
-            kwargs=self._kwargs(placement),
-            task_id=task_id,
-            **self._options(spec, placement),
-        )
-        return TaskHandle(task_id, placement, result)
+        with self.app.producer_or_acquire() as producer:
+            return self._publish(producer, [(spec, placement, task_id_for(spec))], batch=False)[0]
 
     def submit_many(
         self,
@@ -197,30 +191,42 @@ class Fleet:
                 exc.args = (f"[{i}] {exc}",)
                 raise
             prepared.append((spec, placement, task_id_for(spec)))
-        handles: list[TaskHandle] = []
         amqp = self.app.amqp
         with self.app.producer_or_acquire() as producer:
             for queue in {p.queue for _, p, _ in prepared}:  # declare each queue once
                 producer.maybe_declare(amqp.queues[queue])
             with producer.batch(BATCH_SIZE):
-                self._publish_prepared(producer, prepared, handles)
-        return handles
+                return self._publish(producer, prepared, batch=True)
 
-    def _publish_prepared(
+    def _publish(
         self,
         producer: Any,  # noqa: ANN401 - kombu's Producer is untyped
         prepared: list[tuple[TaskSpec, Placement, str]],
-        handles: list[TaskHandle],
-    ) -> None:
-        """Publish prepared tasks through ``producer`` (inside its batch).
+        *,
+        batch: bool,
+    ) -> list[TaskHandle]:
+        """Publish prepared tasks through ``producer``.
 
-        Celery's own message builder and publisher (the two halves of ``send_task``),
-        without its per-task result subscription (a round trip each; a handle
-        subscribes when ``.get()`` waits), per-message queue declaration (done once per
-        batch) or per-message retry (a failed batch raises, delivery uncertain).
+        Celery's own message builder and publisher (the two halves of ``send_task``)
+        without its result subscription at send time: that is a round trip per task,
+        and with an unreachable result store it fails with a RuntimeError instead of the
+        broker's error; a handle subscribes when ``.get()`` waits. In a batch, queues
+        are declared once beforehand and a failure raises for the whole batch (delivery
+        uncertain) instead of retrying message by message.
+
+        Raises:
+            kombu.exceptions.OperationalError: the broker cannot be reached.
+
         """
         amqp = self.app.amqp
+        handles: list[TaskHandle] = []
+        extra: dict[str, Any] = {"declare": [], "retry": False} if batch else {}
+        # The rpc:// backend (RabbitMQ) replies to a queue of this client's that must
+        # exist before the worker answers; declaring it is cached, so it costs once.
+        rpc = isinstance(self.app.backend, RPCBackend)
         for spec, placement, task_id in prepared:
+            if rpc:
+                self.app.backend.on_task_call(producer, task_id)
             options = self._options(spec, placement)
             message = amqp.create_task_message(
                 task_id,
@@ -231,9 +237,11 @@ class Fleet:
                 soft_time_limit=options.pop("soft_time_limit"),
                 argsrepr=options.pop("argsrepr"),
                 kwargsrepr=options.pop("kwargsrepr"),
+                reply_to=self.app.thread_oid,
             )
-            amqp.send_task_message(producer, TASK_NAME, message, declare=[], retry=False, **options)
+            amqp.send_task_message(producer, TASK_NAME, message, **extra, **options)
             handles.append(TaskHandle(task_id, placement, AsyncResult(task_id, app=self.app)))
+        return handles
 
     def result(self, task_id: str) -> AsyncResult[Any]:
         """The Celery result handle for a task id."""

@@ -23,7 +23,9 @@ from fleet.catalog import default_catalog
 from fleet.embedded import embedded_redis
 from fleet.queues import all_queue_names
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_HOST = "127.0.0.1"
+# Point at a port with nothing on it to exercise the fallback to a private redis-server.
+REDIS_PORT = int(os.environ.get("FLEET_TEST_REDIS_PORT", "6379"))
 AMQP_URL = os.environ.get("FLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
