@@ -1,0 +1,211 @@
+"""Autoscaler configuration: one TOML file, validated by pydantic, errors that name the key.
+
+A pool is a set of interchangeable instances behind one accelerator's queues: which
+provider buys them, which offers it may use (region, instance types, markets in order
+of preference: spot first falls back to on-demand), how many (min, max), what it may
+spend, and how it scales (drain target, idle time before scale-in, cooldowns, how long a
+capacity error keeps an offer out). ``local`` pools start real ``fleet worker``
+processes that emulate the accelerator; ``price_as`` names the cloud offer whose price
+and device count they stand in for. ``FLEET_BROKER_URL`` overrides ``fleet.broker_url``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fleet.catalog import Catalog, Market, Offer, default_catalog
+from fleet.spec import closest_accelerators
+
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+ProviderName = Literal["aws", "gcp", "azure", "local", "fake"]
+CLOUD_OF: dict[str, str | None] = {"aws": "aws", "gcp": "gcp", "azure": "azure", "local": None, "fake": None}
+
+
+class PoolConfig(BaseModel):
+    """One pool of instances serving one accelerator's queues."""
+
+    model_config = _STRICT
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+    provider: ProviderName
+    accelerator: str
+    region: str | None = None
+    instance_types: tuple[str, ...] = ()
+    markets: tuple[Literal["spot", "on_demand"], ...] = ("spot", "on_demand")
+    min_instances: Annotated[int, Field(ge=0, le=10_000)] = 0
+    max_instances: Annotated[int, Field(ge=0, le=10_000)] = 10
+    budget_usd_per_hour: Annotated[float, Field(gt=0)] | None = None
+    drain_target_s: Annotated[float, Field(gt=0)] = 300.0
+    idle_before_scale_in_s: Annotated[float, Field(ge=0)] = 300.0
+    scale_out_cooldown_s: Annotated[float, Field(ge=0)] = 30.0
+    scale_in_cooldown_s: Annotated[float, Field(ge=0)] = 120.0
+    capacity_backoff_s: Annotated[float, Field(ge=0)] = 900.0
+    price_as: str | None = Field(default=None, description="local/fake pools: cloud/region/instance_type")
+    devices: Annotated[int, Field(ge=1, le=64)] | None = None
+
+    @field_validator("accelerator")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in default_catalog().families:
+            close = closest_accelerators(value)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown accelerator {value!r}{hint}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolConfig:
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances {self.min_instances} > max_instances {self.max_instances}")
+        if not self.markets:
+            raise ValueError("markets: at least one of spot, on_demand")
+        if CLOUD_OF[self.provider] is None and self.price_as is None:
+            raise ValueError(f"price_as: a {self.provider} pool needs the cloud offer it stands in for")
+        return self
+
+    @property
+    def cloud(self) -> str | None:
+        """The cloud whose offers this pool buys (None for local and fake pools)."""
+        return CLOUD_OF[self.provider]
+
+
+class FleetConfig(BaseModel):
+    """Settings for the whole fleet."""
+
+    model_config = _STRICT
+
+    broker_url: str | None = None
+    namespace: str = ""
+    budget_usd_per_hour: Annotated[float, Field(gt=0)] | None = None
+    loop_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    max_launches_per_loop: Annotated[int, Field(ge=1, le=1000)] = 10
+    lock_ttl_s: Annotated[float, Field(gt=0)] = 30.0
+    launch_grace_s: Annotated[float, Field(gt=0)] = 600.0
+    local_state_dir: str = ".fleet/local-instances"
+
+
+class AutoscalerConfig(BaseModel):
+    """The whole file."""
+
+    model_config = _STRICT
+
+    fleet: FleetConfig = FleetConfig()
+    pools: tuple[PoolConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> AutoscalerConfig:
+        names = [p.name for p in self.pools]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pools: duplicate names {dupes}")
+        return self
+
+    def pool(self, name: str) -> PoolConfig:
+        """The pool called ``name``; KeyError lists the known ones."""
+        for p in self.pools:
+            if p.name == name:
+                return p
+        raise KeyError(f"no pool {name!r}; pools: {', '.join(p.name for p in self.pools)}")
+
+
+class ConfigError(ValueError):
+    """The file is unreadable, not TOML, or invalid; the message names each key at fault."""
+
+
+def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | None = None) -> AutoscalerConfig:
+    """Validate TOML text; ``FLEET_BROKER_URL`` in ``env`` overrides ``fleet.broker_url``.
+
+    Raises:
+        ConfigError: not TOML, or a key is invalid (``pools[1].max_instances: ...``).
+
+    """
+    env = os.environ if env is None else env
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    if env.get("FLEET_BROKER_URL"):
+        raw.setdefault("fleet", {})["broker_url"] = env["FLEET_BROKER_URL"]
+    try:
+        config = AutoscalerConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            parts = [str(p) for p in err["loc"]]
+            key = ""
+            for part in parts:
+                key += f"[{part}]" if part.isdigit() else (f".{part}" if key else part)
+            lines.append(f"{key or '(file)'}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+    problems = [f"pools[{i}]: {why}" for i, p in enumerate(config.pools) if (why := _offer_problem(p, default_catalog()))]
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return config
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> AutoscalerConfig:
+    """Read and validate a config file.
+
+    Raises:
+        ConfigError: unreadable or invalid.
+
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    return parse_config(text, str(path), env)
+
+
+@dataclass(frozen=True, slots=True)
+class PricedOffer:
+    """An offer a pool may buy, in one market, at its hourly price."""
+
+    offer: Offer
+    market: Market
+    usd_per_hour: float
+
+
+def pool_offers(pool: PoolConfig, catalog: Catalog) -> list[PricedOffer]:
+    """Offers a pool may buy, priced, in the pool's market preference order.
+
+    Cloud pools: the catalog's offers of the pool's accelerator in its cloud, region and
+    instance types. Local and fake pools: the ``price_as`` offer (the cloud instance they
+    stand in for).
+    """
+    if pool.price_as is not None and pool.cloud is None:
+        candidates = [o for o in catalog.offers if f"{o.cloud}/{o.region}/{o.instance_type}" == pool.price_as]
+    else:
+        candidates = [
+            o
+            for o in catalog.offers_by_family.get(pool.accelerator, ())
+            if o.cloud == pool.cloud
+            and (pool.region is None or o.region == pool.region)
+            and (not pool.instance_types or o.instance_type in pool.instance_types)
+        ]
+    out = []
+    for market_name in pool.markets:
+        market = Market(market_name)
+        for o in candidates:
+            price = o.price(market)
+            if price is not None:
+                out.append(PricedOffer(o, market, price))
+    return out
+
+
+def _offer_problem(pool: PoolConfig, catalog: Catalog) -> str | None:
+    if pool.price_as is not None and pool.cloud is None:
+        match = [o for o in catalog.offers if f"{o.cloud}/{o.region}/{o.instance_type}" == pool.price_as]
+        if not match:
+            return f"price_as: no offer {pool.price_as!r} in the catalog"
+        if match[0].accelerator != pool.accelerator:
+            return f"price_as: {pool.price_as} carries {match[0].accelerator}, not {pool.accelerator}"
+    if not pool_offers(pool, catalog):
+        return f"no priced {pool.accelerator} offer matches provider {pool.provider}, region {pool.region}, instance_types {list(pool.instance_types)}, markets {list(pool.markets)}"
+    return None

@@ -1,0 +1,1 @@
+"""Providers: who buys and releases instances. ``base`` holds the contract."""
