@@ -4,9 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+CONFIG ?= infra/fleet.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format typecheck test test-unit test-integration check demo bench worker status catalog route clean
+.PHONY: help install lint format typecheck test test-unit test-integration check demo bench worker status catalog route autoscale plan scale drain config-check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -58,6 +59,21 @@ catalog: $(STAMP) ## Accelerators and priced offers
 
 route: $(STAMP) ## Where a spec would run: make route SPEC=examples/llama-8b-chat.json
 	$(BIN)/fleet route $(SPEC)
+
+autoscale: $(STAMP) ## Run the autoscaler on CONFIG (default infra/fleet.toml); ONCE=1 for one pass, DRY=1 to change nothing
+	$(BIN)/fleet autoscale --config $(CONFIG) $(if $(ONCE),--once) $(if $(DRY),--dry-run)
+
+plan: $(STAMP) ## The autoscaler's decision table now: make plan [CONFIG=...] [SNAPSHOT=file.json]
+	$(BIN)/fleet plan --config $(CONFIG) $(if $(SNAPSHOT),--snapshot $(SNAPSHOT))
+
+scale: $(STAMP) ## Set a pool's size now: make scale POOL=local-l4 N=2
+	$(BIN)/fleet scale $(POOL) $(N) --config $(CONFIG)
+
+drain: $(STAMP) ## Drain a pool or a worker: make drain TARGET=local-l4 (or a worker's node name)
+	$(BIN)/fleet drain $(TARGET) --config $(CONFIG)
+
+config-check: $(STAMP) ## Validate CONFIG
+	$(BIN)/fleet config check $(CONFIG)
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .fleet *.egg-info

@@ -388,5 +388,10 @@ def demo() -> None:
     sys.exit(run_demo())
 
 
+# Ops commands (config check, plan, autoscale, scale, drain) register themselves on `main`.
+from fleet import cli_ops  # noqa: E402
+
+__all__ = ["cli_ops", "main"]
+
 if __name__ == "__main__":
     main()

@@ -31,6 +31,7 @@ class WorkerInfo:
     pid: int
     product: str = ""
     concurrency: int = 1
+    instance_id: str | None = None  # the provider instance it runs on (FLEET_INSTANCE_ID)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerInfo:

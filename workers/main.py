@@ -119,6 +119,7 @@ def _register_heartbeat(settings: Settings, me: ident.WorkerIdentity, node: str)
         pid=os.getpid(),
         product=me.product,
         concurrency=me.concurrency,
+        instance_id=os.environ.get("FLEET_INSTANCE_ID"),
     )
     beat = Heartbeat(redis.Redis.from_url(settings.broker_url), info, settings.namespace)
 

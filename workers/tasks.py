@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Task
+from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
 from fleet.app import TASK_NAME, app
@@ -96,7 +97,7 @@ def run(
 
 
 @inspect_command()
-def fleet_identity(state: Any, **_: Any) -> dict[str, Any]:  # noqa: ANN401 - Celery's control API
+def fleet_identity(state: Any, **_: Any) -> dict[str, Any]:  # noqa: ANN401, ARG001 - Celery's control API
     """Remote-control command: this worker's accelerator, devices and emulated flag."""
     me = identity.current()
     return {
@@ -106,5 +107,6 @@ def fleet_identity(state: Any, **_: Any) -> dict[str, Any]:  # noqa: ANN401 - Ce
         "product": me.product,
         "queues": list(me.queues),
         "concurrency": me.concurrency,
-        "active": len(state.consumer.controller.state.active_requests) if state.consumer else None,
+        "instance_id": os.environ.get("FLEET_INSTANCE_ID"),
+        "active": len(worker_state.active_requests),
     }

@@ -25,7 +25,13 @@ from fleet.spec import closest_accelerators
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 ProviderName = Literal["aws", "gcp", "azure", "local", "fake"]
-CLOUD_OF: dict[str, str | None] = {"aws": "aws", "gcp": "gcp", "azure": "azure", "local": None, "fake": None}
+CLOUD_OF: dict[str, str | None] = {
+    "aws": "aws",
+    "gcp": "gcp",
+    "azure": "azure",
+    "local": None,
+    "fake": None,
+}
 
 
 class PoolConfig(BaseModel):
@@ -47,7 +53,9 @@ class PoolConfig(BaseModel):
     scale_out_cooldown_s: Annotated[float, Field(ge=0)] = 30.0
     scale_in_cooldown_s: Annotated[float, Field(ge=0)] = 120.0
     capacity_backoff_s: Annotated[float, Field(ge=0)] = 900.0
-    price_as: str | None = Field(default=None, description="local/fake pools: cloud/region/instance_type")
+    price_as: str | None = Field(
+        default=None, description="local/fake pools: cloud/region/instance_type"
+    )
     devices: Annotated[int, Field(ge=1, le=64)] | None = None
 
     @field_validator("accelerator")
@@ -62,11 +70,15 @@ class PoolConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> PoolConfig:
         if self.min_instances > self.max_instances:
-            raise ValueError(f"min_instances {self.min_instances} > max_instances {self.max_instances}")
+            raise ValueError(
+                f"min_instances {self.min_instances} > max_instances {self.max_instances}"
+            )
         if not self.markets:
             raise ValueError("markets: at least one of spot, on_demand")
         if CLOUD_OF[self.provider] is None and self.price_as is None:
-            raise ValueError(f"price_as: a {self.provider} pool needs the cloud offer it stands in for")
+            raise ValueError(
+                f"price_as: a {self.provider} pool needs the cloud offer it stands in for"
+            )
         return self
 
     @property
@@ -118,7 +130,9 @@ class ConfigError(ValueError):
     """The file is unreadable, not TOML, or invalid; the message names each key at fault."""
 
 
-def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | None = None) -> AutoscalerConfig:
+def parse_config(
+    text: str, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> AutoscalerConfig:
     """Validate TOML text; ``FLEET_BROKER_URL`` in ``env`` overrides ``fleet.broker_url``.
 
     Raises:
@@ -143,7 +157,11 @@ def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | N
                 key += f"[{part}]" if part.isdigit() else (f".{part}" if key else part)
             lines.append(f"{key or '(file)'}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
-    problems = [f"pools[{i}]: {why}" for i, p in enumerate(config.pools) if (why := _offer_problem(p, default_catalog()))]
+    problems = [
+        f"pools[{i}]: {why}"
+        for i, p in enumerate(config.pools)
+        if (why := _offer_problem(p, default_catalog()))
+    ]
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return config
@@ -180,7 +198,9 @@ def pool_offers(pool: PoolConfig, catalog: Catalog) -> list[PricedOffer]:
     stand in for).
     """
     if pool.price_as is not None and pool.cloud is None:
-        candidates = [o for o in catalog.offers if f"{o.cloud}/{o.region}/{o.instance_type}" == pool.price_as]
+        candidates = [
+            o for o in catalog.offers if f"{o.cloud}/{o.region}/{o.instance_type}" == pool.price_as
+        ]
     else:
         candidates = [
             o
@@ -201,11 +221,15 @@ def pool_offers(pool: PoolConfig, catalog: Catalog) -> list[PricedOffer]:
 
 def _offer_problem(pool: PoolConfig, catalog: Catalog) -> str | None:
     if pool.price_as is not None and pool.cloud is None:
-        match = [o for o in catalog.offers if f"{o.cloud}/{o.region}/{o.instance_type}" == pool.price_as]
+        match = [
+            o for o in catalog.offers if f"{o.cloud}/{o.region}/{o.instance_type}" == pool.price_as
+        ]
         if not match:
             return f"price_as: no offer {pool.price_as!r} in the catalog"
         if match[0].accelerator != pool.accelerator:
-            return f"price_as: {pool.price_as} carries {match[0].accelerator}, not {pool.accelerator}"
+            return (
+                f"price_as: {pool.price_as} carries {match[0].accelerator}, not {pool.accelerator}"
+            )
     if not pool_offers(pool, catalog):
         return f"no priced {pool.accelerator} offer matches provider {pool.provider}, region {pool.region}, instance_types {list(pool.instance_types)}, markets {list(pool.markets)}"
     return None

@@ -71,6 +71,7 @@ class Instance:
     usd_per_hour: float
     devices: int = 1
     workers: tuple[str, ...] = ()  # Celery node names running on it
+    provider: str = ""  # the provider that listed it (filled in by observe)
 
 
 @dataclass(frozen=True, slots=True)

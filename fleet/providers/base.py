@@ -31,7 +31,7 @@ from fleet.autoscaler.model import Instance, OfferRef, ProviderError
 FLEET_TAG = "fleet"
 POOL_TAG = "fleet-pool"
 ACCELERATOR_TAG = "fleet-accelerator"
-TOKEN_TAG = "fleet-token"
+TOKEN_TAG = "fleet-token"  # noqa: S105 - a tag name (the launch idempotency token), not a secret
 
 
 @dataclass(frozen=True, slots=True)

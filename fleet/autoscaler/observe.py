@@ -1,0 +1,157 @@
+"""Observe: gather one Snapshot (I/O, thin; every decision is the planner's).
+
+It reads queue depths (Redis: ready by priority band and unacked; RabbitMQ: ready and
+consumers), peeks at the head of each Redis queue to estimate the run time of what is
+waiting with the catalog's throughput model, lists live workers (the Redis registry, or
+Celery's remote control on RabbitMQ), and asks every provider for the instances that
+carry our tag. What the loop remembers (draining instances, recent provider errors, pool
+history) comes in as arguments.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import redis
+from celery import Celery
+
+from fleet.autoscaler.model import (
+    Instance,
+    InstanceState,
+    PoolHistory,
+    ProviderError,
+    QueueObservation,
+    Snapshot,
+    WorkerObservation,
+)
+from fleet.catalog import Catalog
+from fleet.providers.base import Provider
+from fleet.queues import REDIS_PRIORITY_STEPS, all_queue_names, parse_queue
+from fleet.registry import live_workers
+from fleet.settings import Settings
+from fleet.spec import SpecError, parse_spec
+from fleet.stats import AmqpStats, QueueStats, RedisStats
+from fleet.throughput import estimate
+
+SAMPLE = 20
+INSPECT_TIMEOUT_S = 1.0
+
+
+def decode_spec(raw: bytes | str) -> dict[str, Any] | None:
+    """The TaskSpec dict inside one kombu-on-Redis message, or None if it is not ours."""
+    try:
+        envelope = json.loads(raw)
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        spec = args[0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return spec if isinstance(spec, dict) else None
+
+
+def sample_service_s(
+    client: redis.Redis, queue: str, catalog: Catalog, namespace: str, n: int = SAMPLE
+) -> float | None:
+    """Mean estimated run time of up to ``n`` messages at the head of a Redis queue."""
+    ref = parse_queue(queue, namespace)
+    if ref is None or ref.accelerator not in catalog.families:
+        return None
+    family = catalog.families[ref.accelerator]
+    vcpus = (
+        max((o.vcpus or 0 for o in catalog.offers_by_family.get(ref.accelerator, ())), default=0)
+        or None
+    )
+    times: list[float] = []
+    for step in REDIS_PRIORITY_STEPS:
+        key = queue if step == 0 else f"{queue}:{step}"
+        for raw in client.lrange(key, -n, -1):  # LPUSH/BRPOP: the oldest are at the right
+            data = decode_spec(raw)
+            if data is None:
+                continue
+            try:
+                spec = parse_spec(data)
+                times.append(estimate(spec, family, ref.devices, vcpus).service_s)
+            except (SpecError, ValueError):
+                continue
+        if len(times) >= n:
+            break
+    return sum(times) / len(times) if times else None
+
+
+def _queue_stats(
+    settings: Settings, names: Sequence[str], app: Celery
+) -> tuple[dict[str, QueueStats], list[WorkerObservation]]:
+    if settings.is_redis:
+        client = redis.Redis.from_url(settings.broker_url)
+        stats = RedisStats(client, settings.namespace).read(names)
+        workers = [
+            WorkerObservation(w.hostname, w.accelerator, w.instance_id, 0, w.queues)
+            for w in live_workers(client, settings.namespace)
+        ]
+        return stats, workers
+    stats = AmqpStats(settings.broker_url).read(names)
+    inspect = app.control.inspect(timeout=INSPECT_TIMEOUT_S)
+    replies: Any = inspect._request("fleet_identity") or {}  # noqa: SLF001 - Celery's way to call a custom inspect command
+    workers = [
+        WorkerObservation(
+            host,
+            r.get("accelerator", ""),
+            r.get("instance_id"),
+            int(r.get("active") or 0),
+            tuple(r.get("queues", ())),
+        )
+        for host, r in sorted(replies.items())
+    ]
+    return stats, workers
+
+
+def observe(
+    *,
+    settings: Settings,
+    catalog: Catalog,
+    app: Celery,
+    providers: Mapping[str, Provider],
+    now: float,
+    draining: Mapping[str, InstanceState] | None = None,
+    errors: Iterable[ProviderError] = (),
+    history: Mapping[str, PoolHistory] | None = None,
+) -> Snapshot:
+    """One snapshot of queues, workers and instances.
+
+    A provider whose listing fails contributes no instances and its error is added to
+    ``errors`` (the planner then sees it; nothing is terminated for want of a listing).
+    """
+    names = all_queue_names(catalog, settings.namespace)
+    stats, workers = _queue_stats(settings, names, app)
+    client = redis.Redis.from_url(settings.broker_url) if settings.is_redis else None
+    queues: dict[str, QueueObservation] = {}
+    for name, s in stats.items():
+        sample = None
+        if client is not None and s.ready:
+            sample = sample_service_s(client, name, catalog, settings.namespace)
+        queues[name] = QueueObservation(name, s.ready, s.unacked, s.consumers, sample)
+    instances: list[Instance] = []
+    found_errors = list(errors)
+    marks = draining or {}
+    for name, provider in sorted(providers.items()):
+        listed = provider.list_instances(now)
+        if isinstance(listed, ProviderError):
+            found_errors.append(listed)
+            continue
+        for inst in listed:
+            state = marks.get(inst.id, inst.state)
+            instances.append(replace(inst, state=state, provider=name))
+    return Snapshot(
+        taken_at=now,
+        queues=queues,
+        instances=tuple(sorted(instances, key=lambda i: i.id)),
+        workers=tuple(workers),
+        errors=tuple(found_errors),
+        history=dict(history or {}),
+    )

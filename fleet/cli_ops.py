@@ -1,0 +1,285 @@
+"""Ops commands: ``fleet config check``, ``plan``, ``autoscale``, ``scale``, ``drain``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from fleet.autoscaler.config import AutoscalerConfig, ConfigError, load_config
+from fleet.autoscaler.model import Plan, Snapshot, Termination
+from fleet.cli import EXIT_INPUT, console, err, main
+from fleet.settings import Settings, masked
+
+
+def _config(path: str) -> AutoscalerConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        err.print(f"[red]invalid config:[/] {exc}")
+        sys.exit(EXIT_INPUT)
+
+
+def _settings(config: AutoscalerConfig) -> Settings:
+    env = dict(os.environ)
+    if config.fleet.broker_url and not env.get("FLEET_BROKER_URL"):
+        env["FLEET_BROKER_URL"] = config.fleet.broker_url
+    env.setdefault("FLEET_NAMESPACE", config.fleet.namespace)
+    return Settings.from_env(env)
+
+
+def print_plan(plan: Plan, skipped: list[str]) -> None:
+    """The decision table: pool, current, desired, launches, terminations, reasons, $/h."""
+    table = Table(
+        "pool",
+        "current",
+        "desired",
+        "launch",
+        "terminate",
+        "$/h before",
+        "$/h after",
+        "reasons",
+        title="plan",
+    )
+    for d in plan.decisions:
+        launches = ", ".join(
+            f"{launch.offer.instance_type} {launch.offer.market}" for launch in d.launches
+        )
+        table.add_row(
+            d.pool,
+            str(d.current),
+            str(d.desired),
+            launches or "-",
+            str(len(d.terminations)) if d.terminations else "-",
+            f"{d.usd_per_hour_before:.4g}",
+            f"{d.usd_per_hour_after:.4g}",
+            "; ".join(d.reasons),
+        )
+    console.print(table)
+    for u in plan.unsatisfiable:
+        console.print(f"[yellow]unsatisfiable:[/] {u.queue} ({u.ready} ready): {u.reason}")
+    if skipped:
+        console.print(
+            f"skipped pools (their provider is not available in this installation): {', '.join(skipped)}"
+        )
+    console.print(
+        f"fleet spend: ${plan.usd_per_hour_before:.4g}/h -> ${plan.usd_per_hour_after:.4g}/h"
+    )
+
+
+def _autoscaler(config: AutoscalerConfig, *, locked: bool) -> Any:  # noqa: ANN401 - avoids importing the loop at CLI start
+    from fleet.app import create_app  # noqa: PLC0415
+    from fleet.autoscaler.loop import Autoscaler, available_providers, lease_for  # noqa: PLC0415
+    from fleet.catalog import default_catalog  # noqa: PLC0415
+
+    settings = _settings(config)
+    lease = lease_for(config, settings, os.environ.get("FLEET_LOCK_URL")) if locked else None
+    return Autoscaler(
+        config,
+        settings,
+        default_catalog(),
+        create_app(settings),
+        available_providers(config, settings),
+        lease,
+    )
+
+
+@main.group()
+def config() -> None:
+    """Autoscaler configuration files."""
+
+
+@config.command("check")
+@click.argument("path")
+def config_check(path: str) -> None:
+    """Validate PATH (TOML); exit 2 naming each bad key."""
+    cfg = _config(path)
+    console.print(
+        f"{path}: ok, {len(cfg.pools)} pools ({', '.join(f'{p.name}:{p.provider}' for p in cfg.pools)})"
+    )
+
+
+@main.command("plan")
+@click.option("--config", "config_path", required=True, help="Autoscaler TOML.")
+@click.option(
+    "--snapshot",
+    "snapshot_path",
+    help="Plan from a saved snapshot (JSON) instead of the live broker.",
+)
+@click.option("--save-snapshot", "save_path", help="Also write the observed snapshot to this file.")
+@click.option("--json", "as_json", is_flag=True)
+def plan_cmd(
+    config_path: str, snapshot_path: str | None, save_path: str | None, as_json: bool
+) -> None:
+    """The decision table for the current state (nothing is changed)."""
+    from fleet.autoscaler.planner import plan as make_plan  # noqa: PLC0415
+    from fleet.autoscaler.snapshot_io import load_snapshot, save_snapshot  # noqa: PLC0415
+    from fleet.catalog import default_catalog  # noqa: PLC0415
+
+    cfg = _config(config_path)
+    skipped: list[str] = []
+    if snapshot_path:
+        snap = load_snapshot(Path(snapshot_path))
+        decided = make_plan(snap, cfg, default_catalog(), snap.taken_at)
+    else:
+        scaler = _autoscaler(cfg, locked=False)
+        report = scaler.step(dry_run=True)
+        decided, skipped = report.plan, report.skipped_pools
+        if save_path:
+            save_snapshot(report.snapshot, Path(save_path))
+    if as_json:
+        click.echo(
+            json.dumps({**decided.to_dict(), "skipped_pools": skipped}, indent=2, default=str)
+        )
+    else:
+        print_plan(decided, skipped)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, help="Autoscaler TOML.")
+@click.option("--once", is_flag=True, help="One pass, then exit.")
+@click.option("--dry-run", is_flag=True, help="Plan and print, change nothing (no lease taken).")
+def autoscale(config_path: str, once: bool, dry_run: bool) -> None:
+    """Run the autoscaler: observe queues, plan, launch and drain capacity."""
+    cfg = _config(config_path)
+    try:
+        scaler = _autoscaler(cfg, locked=not dry_run)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/]")
+        sys.exit(EXIT_INPUT)
+    console.print(
+        f"autoscaler on {masked(scaler.settings.broker_url)}, pools: {', '.join(p.name for p in scaler.config.pools)}"
+    )
+
+    def show(report: Any) -> None:  # noqa: ANN401 - StepReport
+        if not report.active:
+            console.print("standby: another autoscaler holds the lease")
+            return
+        if report.plan.launches or report.plan.terminations or once or dry_run:
+            print_plan(report.plan, report.skipped_pools)
+
+    if once or dry_run:
+        show(scaler.step(dry_run=dry_run))
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        scaler.run(stop, show)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+@main.command()
+@click.argument("pool")
+@click.argument("count", type=int)
+@click.option("--config", "config_path", required=True, help="Autoscaler TOML.")
+def scale(pool: str, count: int, config_path: str) -> None:
+    """Set POOL to COUNT instances now (within max_instances and budgets; scale-in drains first)."""
+    cfg = _config(config_path)
+    try:
+        target = cfg.pool(pool)
+    except KeyError as exc:
+        err.print(f"[red]{exc.args[0]}[/]")
+        sys.exit(EXIT_INPUT)
+    if not 0 <= count <= target.max_instances:
+        err.print(
+            f"[red]count must be within 0..max_instances ({target.max_instances}) of {pool}[/]"
+        )
+        sys.exit(EXIT_INPUT)
+    pinned = target.model_copy(
+        update={"min_instances": count, "max_instances": count, "scale_out_cooldown_s": 0.0}
+    )
+    cfg2 = cfg.model_copy(
+        update={"pools": tuple(pinned if p.name == pool else p for p in cfg.pools)}
+    )
+    scaler = _autoscaler(cfg2, locked=False)
+    report = scaler.step(dry_run=True)
+    snap: Snapshot = report.snapshot
+    mine = sorted(
+        (i for i in snap.instances if i.pool == pool and i.state.value in ("pending", "running")),
+        key=lambda i: -i.launched_at,
+    )
+    extra = [
+        Termination(pool, i.id, i.usd_per_hour, f"fleet scale {pool} {count}")
+        for i in mine[: max(0, len(mine) - count)]
+    ]
+    launches = [launch for launch in report.plan.launches if launch.pool == pool]
+    from fleet.autoscaler.model import Plan, PoolDecision  # noqa: PLC0415
+
+    decision = PoolDecision(
+        pool,
+        len(mine),
+        count,
+        tuple(launches),
+        tuple(extra),
+        (f"operator: scale to {count}",),
+        0.0,
+        0.0,
+    )
+    manual = Plan(snap.taken_at, (decision,))
+    acted = scaler.actuator.act(manual, snap, time.time())
+    console.print(
+        f"{pool}: {len(mine)} -> {count}: launched {len(acted.launched)}, draining {len(acted.draining)}, terminated {len(acted.terminated)}"
+    )
+    for e in acted.failed:
+        console.print(f"[yellow]launch failed:[/] {e.kind} {e.message}")
+    _finish_drains(scaler, manual)
+
+
+def _finish_drains(scaler: Any, plan: Plan, timeout_s: float = 600.0) -> None:  # noqa: ANN401 - Autoscaler
+    """Re-observe and progress drains until every planned termination is done."""
+    waiting = {t.instance_id for t in plan.terminations}
+    deadline = time.monotonic() + timeout_s
+    while waiting and time.monotonic() < deadline:
+        report = scaler.step(dry_run=True)
+        acted = scaler.actuator.act(
+            Plan(report.snapshot.taken_at, ()), report.snapshot, time.time()
+        )
+        waiting = (waiting & {i.id for i in report.snapshot.instances}) - set(acted.terminated)
+        if waiting:
+            console.print(f"draining: waiting for {len(waiting)} instance(s) to finish their tasks")
+            time.sleep(2)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--config", "config_path", required=True, help="Autoscaler TOML.")
+def drain(target: str, config_path: str) -> None:
+    """Drain a POOL (stop consuming, finish tasks, then terminate its instances) or one WORKER (stop consuming)."""
+    cfg = _config(config_path)
+    scaler = _autoscaler(cfg, locked=False)
+    report = scaler.step(dry_run=True)
+    snap: Snapshot = report.snapshot
+    if any(p.name == target for p in cfg.pools):
+        terms = tuple(
+            Termination(target, i.id, i.usd_per_hour, f"fleet drain {target}")
+            for i in snap.instances
+            if i.pool == target
+        )
+        from fleet.autoscaler.model import PoolDecision  # noqa: PLC0415
+
+        manual = Plan(
+            snap.taken_at,
+            (PoolDecision(target, len(terms), 0, (), terms, ("operator: drain",), 0.0, 0.0),),
+        )
+        scaler.actuator.act(manual, snap, time.time())
+        _finish_drains(scaler, manual)
+        console.print(f"pool {target}: {len(terms)} instance(s) drained and stopped")
+        return
+    worker = next((w for w in snap.workers if w.hostname == target), None)
+    if worker is None:
+        err.print(f"[red]{target!r} is neither a pool in {config_path} nor a live worker[/]")
+        sys.exit(EXIT_INPUT)
+    for queue in worker.queues:
+        scaler.app.control.cancel_consumer(queue, destination=[target], reply=True)
+    console.print(
+        f"worker {target} stopped consuming {len(worker.queues)} queue(s); its running tasks finish"
+    )
