@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         accept_content=["json"],
         result_accept_content=["json"],
         task_acks_late=True,
+        task_track_started=True,  # clients see STARTED, the actuator sees what is running
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_queues=queues,

@@ -392,6 +392,3 @@ def demo() -> None:
 from fleet import cli_ops  # noqa: E402
 
 __all__ = ["cli_ops", "main"]
-
-if __name__ == "__main__":
-    main()

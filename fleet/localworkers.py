@@ -1,6 +1,6 @@
 """Local ``fleet worker`` processes: how the demo, the tests and (later) the local provider start them.
 
-Each process is a real Celery worker (``python -m fleet.cli worker``); with an
+Each process is a real Celery worker (``python -m fleet worker``); with an
 accelerator this machine does not have, it is an emulated one and says so.
 """
 
@@ -48,19 +48,26 @@ def spawn_worker(
     pool: str = "prefork",
     loglevel: str = "INFO",
     node: str | None = None,
+    new_session: bool = False,
 ) -> LocalWorker:
-    """Start one worker process (returns at once; see ``wait_ready``)."""
+    """Start one worker process (returns at once; see ``wait_ready``).
+
+    ``new_session`` detaches it from this process group, so a Ctrl-C meant for the
+    parent (an autoscaler) does not reach it: instances outlive the autoscaler.
+    """
     node = node or f"{accelerator}-{uuid.uuid4().hex[:6]}@localhost"
     log_path = log_dir / f"worker-{node.replace('@', '_')}.log"
     cmd = [
-        sys.executable, "-m", "fleet.cli", "worker",
+        sys.executable, "-m", "fleet", "worker",
         "--accelerator", accelerator, "--devices", str(devices), "--concurrency", str(concurrency),
         "--pool", pool, "--hostname", node, "--loglevel", loglevel,
     ]  # fmt: skip
     with log_path.open("wb") as log:
         # Our own CLI with a fixed argv: nothing untrusted reaches the command line.
         child_env = {**os.environ, **env}
-        proc = subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+        proc = subprocess.Popen(
+            cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session
+        )  # noqa: S603
     return LocalWorker(proc, node, log_path)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +113,8 @@ class AutoscalerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _unique(self) -> AutoscalerConfig:
-        names = [p.name for p in self.pools]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        counts = Counter(p.name for p in self.pools)
+        dupes = sorted(n for n, c in counts.items() if c > 1)
         if dupes:
             raise ValueError(f"pools: duplicate names {dupes}")
         return self

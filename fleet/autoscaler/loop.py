@@ -20,14 +20,14 @@ import redis
 from celery import Celery
 
 from fleet.autoscaler.actuator import ActReport, Actuator
-from fleet.autoscaler.config import AutoscalerConfig, PoolConfig
+from fleet.autoscaler.config import AutoscalerConfig
 from fleet.autoscaler.lock import Lease
 from fleet.autoscaler.model import Plan, PoolHistory, Snapshot
 from fleet.autoscaler.observe import observe
+from fleet.autoscaler.planner import busy_pools
 from fleet.autoscaler.planner import plan as make_plan
 from fleet.catalog import Catalog
 from fleet.providers.base import Provider
-from fleet.queues import parse_queue
 from fleet.settings import Settings, is_redis_url
 
 log = logging.getLogger("fleet.autoscaler")
@@ -63,19 +63,6 @@ def available_providers(config: AutoscalerConfig, settings: Settings) -> dict[st
     if "fake" in wanted:
         out["fake"] = FakeProvider(start_running=True)
     return out
-
-
-def pools_with_work(
-    snapshot: Snapshot, pools: tuple[PoolConfig, ...], catalog: Catalog, namespace: str
-) -> set[str]:
-    """Pools with queued or running work on a queue of their accelerator."""
-    busy_accelerators: set[str] = set()
-    for q in snapshot.queues.values():
-        if q.ready or q.unacked:
-            ref = parse_queue(q.name, namespace)
-            if ref is not None and ref.kind.value in catalog.families[ref.accelerator].kinds:
-                busy_accelerators.add(ref.accelerator)
-    return {p.name for p in pools if p.accelerator in busy_accelerators}
 
 
 class Autoscaler:

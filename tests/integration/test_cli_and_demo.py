@@ -22,7 +22,7 @@ def fleet_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m fleet.cli ARGS`` with ``env`` added."""
     return subprocess.run(
-        [sys.executable, "-m", "fleet.cli", *args],
+        [sys.executable, "-m", "fleet", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -83,7 +83,7 @@ def test_demo_runs_end_to_end_on_its_own_redis() -> None:
     """`fleet demo` with no broker configured starts its own, runs every task and stops cleanly."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     out = subprocess.run(
-        [sys.executable, "-m", "fleet.cli", "demo"],
+        [sys.executable, "-m", "fleet", "demo"],
         env=env,
         capture_output=True,
         text=True,

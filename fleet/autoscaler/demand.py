@@ -1,0 +1,245 @@
+"""Demand: which pools can serve which queue, and how much of its work each pool is given.
+
+Pure helpers of ``fleet.autoscaler.planner`` (whose docstring is the contract); nothing
+here does I/O or reads a clock. Units: work is measured in *slot-seconds* (one task
+running on one slot for one second); a pool instance with ``D`` devices has ``D // N``
+slots for a queue of tier ``N`` (cpu instances: one slot), so ``slot-seconds / slots``
+are the *instance-seconds* a pool is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from fleet.autoscaler.config import PoolConfig, PricedOffer
+from fleet.autoscaler.model import OfferRef, QueueObservation, Unsatisfiable
+from fleet.catalog import Catalog, Offer
+from fleet.queues import parse_queue
+from fleet.spec import TaskKind
+
+CPU = "cpu"
+EPS = 1e-9
+
+DEFAULT_SERVICE_S: dict[TaskKind, float] = {
+    TaskKind.INFERENCE: 10.0,
+    TaskKind.EMBEDDING: 2.0,
+    TaskKind.BATCH: 60.0,
+    TaskKind.FINE_TUNE: 1800.0,
+    TaskKind.TRAINING: 3600.0,
+}
+
+
+def pool_devices(pool: PoolConfig, offer: Offer) -> int:
+    """Devices per instance of ``pool`` bought as ``offer``.
+
+    ``pool.devices`` when set (a local pool emulating a larger box), else the offer's
+    accelerator count. A cpu instance counts as one device whatever its size: cpu
+    workers consume only the single-device tier (``fleet.queues.queues_for_worker``).
+    """
+    if offer.accelerator == CPU:
+        return 1
+    return pool.devices if pool.devices is not None else offer.accelerator_count
+
+
+def offer_ref(priced: PricedOffer) -> OfferRef:
+    """The ``OfferRef`` of a priced offer (local and fake pools: their ``price_as`` offer)."""
+    o = priced.offer
+    return OfferRef(o.cloud, o.region, o.instance_type, priced.market.value)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDemand:
+    """A parsed queue with work: ``tasks`` (ready + unacked) of ``service_s`` each."""
+
+    name: str
+    kind: TaskKind
+    accelerator: str
+    devices: int
+    tasks: int
+    ready: int
+    service_s: float
+
+    @property
+    def work_s(self) -> float:
+        """Slot-seconds of work queued and running."""
+        return self.tasks * self.service_s
+
+
+def parse_demands(queues: Mapping[str, QueueObservation], namespace: str) -> list[QueueDemand]:
+    """Queues of the naming scheme that have work, sorted by name; others are ignored."""
+    out = []
+    for name in sorted(queues):
+        q = queues[name]
+        tasks = q.ready + q.unacked
+        ref = parse_queue(name, namespace) if tasks > 0 else None
+        if ref is None:
+            continue
+        sample = q.sample_service_s
+        service = sample if sample is not None and sample > 0 else DEFAULT_SERVICE_S[ref.kind]
+        out.append(
+            QueueDemand(name, ref.kind, ref.accelerator, ref.devices, tasks, q.ready, service)
+        )
+    return out
+
+
+@dataclass(slots=True)
+class PoolView:
+    """Facts about one configured pool, derived once per plan, plus the work assigned to it.
+
+    ``capacity``: PENDING/RUNNING instances not cleaned up by this plan. ``spend``: the
+    hourly cost of every instance of the pool the provider still reports (TERMINATING
+    ones bill until gone), which budgets are checked against.
+    """
+
+    pool: PoolConfig
+    offers: tuple[PricedOffer, ...]
+    blocked: frozenset[str]
+    capacity: int
+    spend: float
+    max_devices: int = 0
+    used_s: float = 0.0
+    top_tier: int = 0
+    shares: list[tuple[QueueDemand, float]] = field(default_factory=list)
+    choices: dict[int, PricedOffer | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Largest instance any allowed offer gives, ignoring backoff (what the pool *can* serve)."""
+        self.max_devices = max((pool_devices(self.pool, p.offer) for p in self.offers), default=0)
+
+    def offer_for(self, tier: int) -> PricedOffer | None:
+        """The offer a launch for ``tier`` would buy (see the planner's rule 4), or None."""
+        if tier not in self.choices:
+            self.choices[tier] = choose_offer(self.pool, self.offers, self.blocked, tier)
+        return self.choices[tier]
+
+    def slots(self, tier: int) -> int:
+        """Tasks of ``tier`` one instance runs at once (at least 1)."""
+        chosen = self.offer_for(tier)
+        devices = pool_devices(self.pool, chosen.offer) if chosen else self.max_devices
+        return max(1, devices // tier)
+
+    def slot_cost(self, tier: int) -> float:
+        """USD per slot-hour of the offer chosen for ``tier``; infinite when none is usable."""
+        chosen = self.offer_for(tier)
+        return math.inf if chosen is None else chosen.usd_per_hour / self.slots(tier)
+
+    def room_s(self, tier: int) -> float:
+        """Instance-seconds still free before ``max_instances`` or the pool budget binds."""
+        pool, chosen = self.pool, self.offer_for(tier)
+        if chosen is None:
+            affordable: float = 0
+        elif pool.budget_usd_per_hour is None or chosen.usd_per_hour <= 0:
+            affordable = math.inf
+        else:
+            headroom = pool.budget_usd_per_hour - self.spend
+            affordable = max(0, math.floor(headroom / chosen.usd_per_hour + EPS))
+        cap = min(pool.max_instances, self.capacity + affordable)
+        return cap * pool.drain_target_s - self.used_s
+
+    def take(self, demand: QueueDemand, slot_s: float, tier_slots: int) -> None:
+        """Assign ``slot_s`` slot-seconds of ``demand`` to this pool."""
+        self.used_s += slot_s / tier_slots
+        self.top_tier = max(self.top_tier, demand.devices)
+        frac = slot_s / demand.work_s
+        if self.shares and self.shares[-1][0] is demand:  # the overflow of a queue it took
+            frac += self.shares.pop()[1]
+        self.shares.append((demand, frac))
+
+
+def choose_offer(
+    pool: PoolConfig, offers: Iterable[PricedOffer], blocked: frozenset[str], tier: int
+) -> PricedOffer | None:
+    """The first preferred market's cheapest-per-device usable offer with >= ``tier`` devices.
+
+    ``offers`` come in the pool's market preference order (``pool_offers``); an offer in
+    ``blocked`` (capacity backoff) or too small is skipped; the next market is used only
+    when the preferred one has no usable offer. Ties: lower price, then the offer key.
+    """
+    best: PricedOffer | None = None
+    best_score: tuple[float, float, str] = (math.inf, math.inf, "")
+    for priced in offers:
+        if best is not None and priced.market is not best.market:
+            break
+        devices = pool_devices(pool, priced.offer)
+        if devices < tier or (blocked and offer_ref(priced).key in blocked):
+            continue
+        score = (priced.usd_per_hour / devices, priced.usd_per_hour, priced.offer.key)
+        if score < best_score:
+            best, best_score = priced, score
+    return best
+
+
+def busy_tiers(demands: Iterable[QueueDemand], catalog: Catalog) -> dict[str, int]:
+    """``{accelerator: smallest tier with work}``: a pool has work iff that tier fits it."""
+    out: dict[str, int] = {}
+    for d in demands:
+        family = catalog.families.get(d.accelerator)
+        if family is not None and d.kind.value in family.kinds:
+            out[d.accelerator] = min(out.get(d.accelerator, d.devices), d.devices)
+    return out
+
+
+def assign(
+    demands: list[QueueDemand], by_acc: Mapping[str, list[PoolView]], catalog: Catalog
+) -> list[Unsatisfiable]:
+    """Give each queue's work to its cheapest adequate pools; return the work nobody can serve.
+
+    Queues go largest tier first (they have the fewest adequate pools), then by name.
+    For each, adequate pools are ranked by (slot cost for the tier, name) once per
+    (accelerator, tier); work fills a pool up to its ``room_s`` and spills to the next.
+    Work left when every adequate pool is full goes to the cheapest one (its desired
+    count is clamped by ``max_instances`` anyway). A cursor per ranking skips pools that
+    are full, so the whole pass is linear in queues plus pools (plus the sorts).
+    ``by_acc`` must list each accelerator's pools sorted by name.
+    """
+    ranked: dict[tuple[str, int], list[PoolView]] = {}
+    cursor: dict[tuple[str, int], int] = {}
+    largest: dict[str, PoolView | None] = {}
+    unserved: list[Unsatisfiable] = []
+    for d in sorted(demands, key=lambda d: (-d.devices, d.name)):
+        views = by_acc.get(d.accelerator, [])
+        if d.accelerator not in largest:  # views are sorted by name: max keeps the first
+            largest[d.accelerator] = max(views, key=lambda v: v.max_devices, default=None)
+        reason = _unserved_reason(d, largest[d.accelerator], catalog)
+        if reason is not None:
+            unserved.append(Unsatisfiable(d.name, d.ready, reason))
+            continue
+        key = (d.accelerator, d.devices)
+        if key not in ranked:
+            fit = [v for v in views if v.max_devices >= d.devices]
+            ranked[key] = sorted(fit, key=lambda v: (v.slot_cost(d.devices), v.pool.name))
+            cursor[key] = 0
+        cands, i, remaining = ranked[key], cursor[key], d.work_s
+        while remaining > EPS and i < len(cands):
+            view = cands[i]
+            slots = view.slots(d.devices)
+            room = view.room_s(d.devices) * slots
+            if room <= EPS:
+                i += 1
+                continue
+            part = min(remaining, room)
+            view.take(d, part, slots)
+            remaining -= part
+        cursor[key] = i
+        if remaining > EPS:
+            cands[0].take(d, remaining, cands[0].slots(d.devices))
+    unserved.sort(key=lambda u: u.queue)
+    return unserved
+
+
+def _unserved_reason(d: QueueDemand, largest: PoolView | None, catalog: Catalog) -> str | None:
+    family = catalog.families.get(d.accelerator)
+    if family is None:
+        return f"unknown accelerator {d.accelerator!r}: no pool can serve it"
+    if d.kind.value not in family.kinds:
+        return f"{d.accelerator} does not run {d.kind.value} work"
+    if largest is None:
+        return f"no pool for accelerator {d.accelerator}"
+    if largest.max_devices < d.devices:
+        return (
+            f"needs {d.devices} {d.accelerator} devices per instance; the largest pool"
+            f" ({largest.pool.name}) offers {largest.max_devices}"
+        )
+    return None

@@ -1,0 +1,1 @@
+"""The provider contract suite: one set of tests, run against every provider."""
