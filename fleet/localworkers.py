@@ -67,7 +67,7 @@ def spawn_worker(
         child_env = {**os.environ, **env}
         proc = subprocess.Popen(
             cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session
-        )  # noqa: S603
+        )
     return LocalWorker(proc, node, log_path)
 
 

@@ -116,9 +116,7 @@ class Autoscaler:
         )
 
     def _remember(self, snapshot: Snapshot, decided: Plan, now: float) -> None:
-        busy = pools_with_work(
-            snapshot, self.config.pools, self.catalog, self.config.fleet.namespace
-        )
+        busy = busy_pools(snapshot, self.config, self.catalog)
         for d in decided.decisions:
             old = self.history.get(d.pool, PoolHistory())
             self.history[d.pool] = PoolHistory(
