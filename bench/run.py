@@ -28,6 +28,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from bench import plan_bench, reaction
 from fleet.app import TASK_NAME, TIME_LIMITS, create_app
 from fleet.client import Fleet
 from fleet.embedded import embedded_redis
@@ -287,6 +288,9 @@ def main() -> int:
             out["bulk"] = bench_bulk(fleet, client)
             out["worker"] = bench_worker(url, fleet, client, Path(tmp))
         client.flushdb()
+        out["reaction"] = reaction.run(url)
+        client.flushdb()
+    out["plan"] = plan_bench.run()
     s, b, w = out["submit"], out["bulk"], out["worker"]
     print(f"{'benchmark':34} {'fleet':>14} {'baseline':>14} {'ratio':>8}  target")
     print(
@@ -301,6 +305,14 @@ def main() -> int:
     print(
         f"{'worker, idle RSS':34} {w['fleet_idle_rss_mb']:>11.1f} MB {w['plain_idle_rss_mb']:>11.1f} MB {w['rss_ratio']:>7.2f}x  <= 1.2x {'ok' if w['met'] else 'MISSED'}"
     )
+    r, p = out["reaction"], out["plan"]
+    print(
+        f"{'scale-up reaction (backlog -> running)':34} {r['median_s']:>12.1f} s {'KEDA polls 30 s':>14} {'':>8}  < 10 s {'ok' if r['met'] else 'MISSED'}"
+    )
+    for pools, ms in zip(p["pools"], p["ms"], strict=True):
+        print(
+            f"{f'plan, {pools:,} pools x 500 queues':34} {ms:>11.1f} ms {'':>14} {'':>8}  < 100 ms at 1,000"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(

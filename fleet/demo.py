@@ -214,6 +214,88 @@ def _print_costs(
     )
 
 
+CONFIG = Path(__file__).resolve().parents[1] / "infra" / "fleet.toml"
+AUTOSCALE_TIMEOUT_S = 100.0
+
+
+def autoscale_phase(settings: Settings, state_dir: Path) -> None:
+    """Show the autoscaler scaling local emulated pools from zero and back to zero."""
+    from fleet.autoscaler.config import load_config  # noqa: PLC0415 - demo-only imports
+    from fleet.autoscaler.loop import Autoscaler, available_providers, lease_for  # noqa: PLC0415
+
+    base = load_config(CONFIG, env={})
+    fleet_cfg = base.fleet.model_copy(
+        update={
+            "broker_url": settings.broker_url,
+            "local_state_dir": str(state_dir),
+            "loop_interval_s": 1.0,
+        }
+    )
+    config = base.model_copy(update={"fleet": fleet_cfg})
+    with Fleet(settings) as fleet:
+        scaler = Autoscaler(
+            config,
+            settings,
+            fleet.catalog,
+            fleet.app,
+            available_providers(config, settings),
+            lease_for(config, settings, None),
+        )
+        console.print(
+            f"\n[bold]autoscaling[/] with {CONFIG.name}: local pools {', '.join(p.name for p in scaler.config.pools)} "
+            f"(cloud pools skipped here: {', '.join(scaler.skipped)})"
+        )
+        chat = {
+            "kind": "inference",
+            "model": {"name": "llama-3.1-8b-instruct", "params_b": 8, "dtype": "bf16"},
+            "tokens_in": 200,
+            "tokens_out": 24,
+            "requirements": {"accelerators": ["nvidia-l4"]},
+        }
+        embed = {
+            "kind": "embedding",
+            "model": {"name": "all-minilm-l6-v2", "params_b": 0.0227, "dtype": "fp32"},
+            "input": {"texts": TEXTS},
+            "tokens_in": 40,
+            "requirements": {"accelerators": ["cpu"]},
+        }
+        handles = fleet.submit_many(
+            [{**chat, "input": {"prompt": "the fleet", "seed": i}} for i in range(24)] + [embed] * 6
+        )
+        console.print(
+            f"submitted {len(handles)} tasks to queues with no workers: {', '.join(sorted({h.placement.queue for h in handles}))}"
+        )
+        started = time.monotonic()
+        peak: dict[str, int] = {}
+        drained = False
+        provider = scaler.providers["local"]
+        try:
+            while time.monotonic() - started < AUTOSCALE_TIMEOUT_S:
+                report = scaler.step()
+                for d in report.plan.decisions if report.plan else ():
+                    peak[d.pool] = max(peak.get(d.pool, 0), d.current + len(d.launches))
+                    if d.launches or d.terminations:
+                        console.print(
+                            f"  t=+{time.monotonic() - started:4.1f}s {d.pool}: {d.current} -> {d.desired} instances, "
+                            f"${d.usd_per_hour_before:.3g}/h -> ${d.usd_per_hour_after:.3g}/h ({d.reasons[0]})"
+                        )
+                done = sum(h.state == "SUCCESS" for h in handles)
+                if done == len(handles) and not provider.list_instances(time.time()):
+                    drained = True
+                    break
+                time.sleep(1.0)
+        finally:
+            provider.terminate_all(time.time())  # type: ignore[attr-defined]
+            if scaler.lease is not None:
+                scaler.lease.release()
+        done = sum(h.state == "SUCCESS" for h in handles)
+        console.print(
+            f"autoscaling: {done}/{len(handles)} tasks done; peak instances "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(peak.items()) if v)}; every pool back to 0 "
+            f"after {time.monotonic() - started:.0f} s (emulated workers: local processes standing in for the chips)"
+        )
+
+
 def run_demo() -> int:
     """Run the demo; returns the process exit code."""
     started = time.monotonic()
@@ -255,6 +337,8 @@ def run_demo() -> int:
                         f"queues still holding work: {sum(q.ready for q in report.queues)}"
                     )
                 _print_costs(fleet, named, handles)
+            if CONFIG.exists():
+                autoscale_phase(settings, Path(tmp) / "instances")
     except KeyboardInterrupt:
         console.print("\ninterrupted: every process the demo started has been stopped")
         return 130
