@@ -289,10 +289,15 @@ def autoscale_phase(settings: Settings, state_dir: Path) -> None:
             if scaler.lease is not None:
                 scaler.lease.release()
         done = sum(h.state == "SUCCESS" for h in handles)
+        peaks = ", ".join(f"{k} {v}" for k, v in sorted(peak.items()) if v)
+        ending = (
+            f"every pool scaled back to 0 by the autoscaler after {time.monotonic() - started:.0f} s"
+            if drained
+            else f"not drained within {AUTOSCALE_TIMEOUT_S:.0f} s: the demo stopped the rest"
+        )
         console.print(
-            f"autoscaling: {done}/{len(handles)} tasks done; peak instances "
-            f"{', '.join(f'{k} {v}' for k, v in sorted(peak.items()) if v)}; every pool back to 0 "
-            f"after {time.monotonic() - started:.0f} s (emulated workers: local processes standing in for the chips)"
+            f"autoscaling: {done}/{len(handles)} tasks done; peak instances {peaks}; {ending}"
+            " (emulated workers: local processes standing in for the chips)"
         )
 
 

@@ -87,7 +87,7 @@ def test_demo_runs_end_to_end_on_its_own_redis() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=200,
         check=False,
         cwd=ROOT,
     )
@@ -98,3 +98,8 @@ def test_demo_runs_end_to_end_on_its_own_redis() -> None:
     assert "nvidia-h200.x8" in out.stdout
     assert "cheaper" in out.stdout
     assert "queues still holding work: 0" in out.stdout
+    # The autoscaling phase: local pools scale from zero and back to zero.
+    assert "local-l4: 0 ->" in out.stdout
+    assert "-> 0 instances" in out.stdout
+    assert "30/30 tasks done" in out.stdout
+    assert "scaled back to 0 by the autoscaler" in out.stdout
