@@ -17,10 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet.app import create_app
 from fleet.autoscaler.config import load_config
-from fleet.autoscaler.loop import Autoscaler, available_providers
-from fleet.catalog import default_catalog
+from fleet.autoscaler.loop import build_autoscaler
 from fleet.client import Fleet
 from fleet.settings import Settings
 
@@ -49,14 +47,7 @@ def run(url: str) -> dict[str, Any]:
             {"FLEET_BROKER_URL": url, "FLEET_RESULT_BACKEND": url, "FLEET_ARTIFACT_DIR": tmp}
         )
         for _ in range(TRIALS):
-            scaler = Autoscaler(
-                config,
-                settings,
-                default_catalog(),
-                create_app(settings),
-                available_providers(config, settings),
-                None,
-            )
+            scaler = build_autoscaler(config, settings, locked=False)
             stop = threading.Event()
             thread = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
             thread.start()

@@ -76,19 +76,10 @@ def print_plan(plan: Plan, skipped: list[str]) -> None:
 
 
 def _autoscaler(config: AutoscalerConfig, *, locked: bool) -> Any:  # noqa: ANN401 - avoids importing the loop at CLI start
-    from fleet.app import create_app  # noqa: PLC0415
-    from fleet.autoscaler.loop import Autoscaler, available_providers, lease_for  # noqa: PLC0415
-    from fleet.catalog import default_catalog  # noqa: PLC0415
+    from fleet.autoscaler.loop import build_autoscaler  # noqa: PLC0415 - keep `fleet --help` light
 
-    settings = _settings(config)
-    lease = lease_for(config, settings, os.environ.get("FLEET_LOCK_URL")) if locked else None
-    return Autoscaler(
-        config,
-        settings,
-        default_catalog(),
-        create_app(settings),
-        available_providers(config, settings),
-        lease,
+    return build_autoscaler(
+        config, _settings(config), locked=locked, lock_url=os.environ.get("FLEET_LOCK_URL")
     )
 
 

@@ -221,7 +221,7 @@ AUTOSCALE_TIMEOUT_S = 100.0
 def autoscale_phase(settings: Settings, state_dir: Path) -> None:
     """Show the autoscaler scaling local emulated pools from zero and back to zero."""
     from fleet.autoscaler.config import load_config  # noqa: PLC0415 - demo-only imports
-    from fleet.autoscaler.loop import Autoscaler, available_providers, lease_for  # noqa: PLC0415
+    from fleet.autoscaler.loop import build_autoscaler  # noqa: PLC0415
 
     base = load_config(CONFIG, env={})
     fleet_cfg = base.fleet.model_copy(
@@ -233,14 +233,7 @@ def autoscale_phase(settings: Settings, state_dir: Path) -> None:
     )
     config = base.model_copy(update={"fleet": fleet_cfg})
     with Fleet(settings) as fleet:
-        scaler = Autoscaler(
-            config,
-            settings,
-            fleet.catalog,
-            fleet.app,
-            available_providers(config, settings),
-            lease_for(config, settings, None),
-        )
+        scaler = build_autoscaler(config, settings, locked=True)
         console.print(
             f"\n[bold]autoscaling[/] with {CONFIG.name}: local pools {', '.join(p.name for p in scaler.config.pools)} "
             f"(cloud pools skipped here: {', '.join(scaler.skipped)})"

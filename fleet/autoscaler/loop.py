@@ -162,3 +162,25 @@ def lease_for(config: AutoscalerConfig, settings: Settings, lock_url: str | None
             "the broker is not Redis: set FLEET_LOCK_URL to a Redis for the autoscaler lease"
         )
     return Lease(redis.Redis.from_url(url), config.fleet.lock_ttl_s, settings.namespace)
+
+
+def build_autoscaler(
+    config: AutoscalerConfig, settings: Settings, *, locked: bool, lock_url: str | None = None
+) -> Autoscaler:
+    """An autoscaler as ``fleet autoscale`` builds it.
+
+    It gets the catalog, a Celery app, the providers available here and, when ``locked``,
+    the lease.
+    """
+    from fleet.app import create_app  # noqa: PLC0415 - builds a Celery app; only when asked
+    from fleet.catalog import default_catalog  # noqa: PLC0415
+
+    lease = lease_for(config, settings, lock_url) if locked else None
+    return Autoscaler(
+        config,
+        settings,
+        default_catalog(),
+        create_app(settings),
+        available_providers(config, settings),
+        lease,
+    )

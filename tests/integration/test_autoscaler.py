@@ -15,10 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from fleet.app import create_app
 from fleet.autoscaler.config import AutoscalerConfig, load_config
-from fleet.autoscaler.loop import Autoscaler, available_providers, lease_for
-from fleet.catalog import default_catalog
+from fleet.autoscaler.loop import Autoscaler, build_autoscaler
 from fleet.client import Fleet
 from fleet.settings import Settings
 from tests.integration.brokers import redis_url
@@ -89,15 +87,7 @@ def make_autoscaler(
     config: AutoscalerConfig, settings: Settings, *, locked: bool = True
 ) -> Autoscaler:
     """An autoscaler with the local provider, as `fleet autoscale` builds it."""
-    lease = lease_for(config, settings, None) if locked else None
-    return Autoscaler(
-        config,
-        settings,
-        default_catalog(),
-        create_app(settings),
-        available_providers(config, settings),
-        lease,
-    )
+    return build_autoscaler(config, settings, locked=locked)
 
 
 def run_until(scaler: Autoscaler, done: Any, timeout_s: float = 90.0) -> None:
