@@ -227,3 +227,38 @@ def test_scale_up_reaction_time_is_recorded(env: Any) -> None:
         stop.set()
         thread.join(timeout=10)
         scaler.providers["local"].terminate_all(time.time())  # type: ignore[attr-defined]
+
+
+def test_orphans_and_unknown_pools_are_cleaned_up(env: Any) -> None:
+    """An instance carrying our tag for a pool no longer in the config is drained and terminated."""
+    config, settings, _ = env
+    scaler = make_autoscaler(config, settings, locked=False)
+    provider = scaler.providers["local"]
+    from fleet.autoscaler.model import OfferRef  # noqa: PLC0415
+    from fleet.providers.base import LaunchRequest  # noqa: PLC0415
+
+    orphan = provider.launch(
+        LaunchRequest(
+            "retired-pool",
+            "cpu",
+            OfferRef("aws", "us-east-1", "c6i.xlarge", "on_demand"),
+            "orphan-token",
+            1,
+            0.17,
+        ),
+        time.time(),
+    ).instance
+    assert orphan is not None
+    try:
+        report = scaler.step()
+        assert report.plan is not None
+        assert any(
+            t.instance_id == orphan.id and "orphan" in t.reason for t in report.plan.terminations
+        )
+        run_until(
+            scaler,
+            lambda: all(i.id != orphan.id for i in provider.list_instances(time.time())),
+            timeout_s=60,
+        )
+    finally:
+        provider.terminate_all(time.time())

@@ -112,3 +112,36 @@ def test_snapshot_round_trips_through_a_file(tmp_path: Path) -> None:
     path = tmp_path / "snap.json"
     save_snapshot(snap, path)
     assert load_snapshot(path) == snap
+
+
+def test_cli_config_check_and_plan_from_a_snapshot(tmp_path: Path) -> None:
+    """`fleet config check` exits 0/2, and `fleet plan --snapshot` prints a decision table without a broker."""
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from fleet.cli import main  # noqa: PLC0415
+
+    runner = CliRunner()
+    ok = runner.invoke(main, ["config", "check", str(SHIPPED)])
+    assert ok.exit_code == 0, ok.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text(POOL + "max_instances = -3\n")
+    refused = runner.invoke(main, ["config", "check", str(bad)])
+    assert refused.exit_code == 2
+    assert "pools[0].max_instances" in refused.output
+    snap = Snapshot(
+        taken_at=1000.0,
+        queues={"inference.nvidia-l4": QueueObservation("inference.nvidia-l4", 40, 0, 0)},
+        instances=(),
+    )
+    path = tmp_path / "snap.json"
+    save_snapshot(snap, path)
+    planned = runner.invoke(
+        main, ["plan", "--config", str(SHIPPED), "--snapshot", str(path), "--json"]
+    )
+    assert planned.exit_code == 0, planned.output
+    import json  # noqa: PLC0415
+
+    body = json.loads(planned.output)
+    launched_pools = {d["pool"] for d in body["decisions"] if d["launches"]}
+    assert launched_pools  # 40 queued L4 tasks get capacity
+    assert launched_pools <= {"l4-aws", "l4-gcp", "local-l4"}
