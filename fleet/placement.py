@@ -76,6 +76,7 @@ class Candidate:
     devices: int
     offer: OfferChoice
     service_s: float
+    busy_s: float  # device time per task on a busy server (what queued work costs in wait)
     cost_usd: float
     cold_start_s: float
 
@@ -184,6 +185,7 @@ def _best_offer(
                         offer.accelerator_count,
                     ),
                     service_s=est.service_s,
+                    busy_s=est.busy_s,
                     cost_usd=cost,
                     cold_start_s=family.cold_start_s,
                 )
@@ -257,8 +259,10 @@ def _wait_s(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> 
     if load is None:
         return 0.0
     if load.consumers <= 0:
-        return c.cold_start_s + load.depth * c.service_s
-    return load.depth * c.service_s / load.consumers
+        return c.cold_start_s + load.depth * c.busy_s
+    # A consumer works through its backlog at device-time speed: a batching server
+    # overlaps generation streams, so queued work waits busy_s each, not service_s.
+    return load.depth * c.busy_s / load.consumers
 
 
 def _pinned(

@@ -93,8 +93,9 @@ class QueueObservation:
     ready: int = 0
     unacked: int = 0
     consumers: int = 0
-    # Mean run time (s) of the messages ``observe`` sampled from the head of the queue,
-    # estimated with the catalog's throughput model; None when it could not peek.
+    # Mean device time (s, the throughput model's busy_s: what one task occupies on a busy,
+    # batching server) of the messages ``observe`` sampled from the head of the queue;
+    # None when it could not peek.
     sample_service_s: float | None = None
 
 

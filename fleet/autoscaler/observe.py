@@ -58,7 +58,7 @@ def decode_spec(raw: bytes | str) -> dict[str, Any] | None:
 def sample_service_s(
     client: redis.Redis, queue: str, catalog: Catalog, namespace: str, n: int = SAMPLE
 ) -> float | None:
-    """Mean estimated run time of up to ``n`` messages at the head of a Redis queue."""
+    """Mean estimated device time of up to ``n`` messages at the head of a Redis queue."""
     ref = parse_queue(queue, namespace)
     if ref is None or ref.accelerator not in catalog.families:
         return None
@@ -76,7 +76,9 @@ def sample_service_s(
                 continue
             try:
                 spec = parse_spec(data)
-                times.append(estimate(spec, family, ref.devices, vcpus).service_s)
+                # Device time, not wall time: a batching server overlaps generation
+                # streams, and capacity is what the planner sizes.
+                times.append(estimate(spec, family, ref.devices, vcpus).busy_s)
             except (SpecError, ValueError):
                 continue
         if len(times) >= n:

@@ -239,6 +239,15 @@ def _size(draft: _Draft, *, has_work: bool, history: PoolHistory | None, now: fl
         need = math.ceil(view.used_s / pool.drain_target_s - EPS)
         need = max(need, 1) if view.shares else need
         draft.desired = min(max(need, pool.min_instances), pool.max_instances)
+        tier = max(view.top_tier, 1)
+        if (
+            view.shares
+            and 0 < cur < pool.max_instances
+            and not any(i.devices >= tier for i in draft.live)
+        ):
+            # Instances too small for the largest tier in demand are no capacity for it.
+            draft.desired = max(draft.desired, cur + 1)
+            draft.reasons.append(f"no instance has the {tier} devices the x{tier} tier needs")
     else:
         draft.desired = pool.min_instances
     if draft.desired > cur:

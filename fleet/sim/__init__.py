@@ -1,0 +1,1 @@
+"""Trace-driven fleet simulation: traces, generators, the discrete-event engine, the lower bound."""
