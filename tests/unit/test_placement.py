@@ -14,6 +14,7 @@ from fleet.compat import memory_needed_gb
 from fleet.placement import NoPlacementError, Placement, Policy, QueueLoad, place
 from fleet.queues import all_queue_names, queue_name, queues_for_worker
 from fleet.spec import DType, Runtime, TaskKind, parse_spec
+from fleet.throughput import estimate
 
 CATALOG = default_catalog()
 FAMILIES = frozenset(CATALOG.names())
@@ -299,13 +300,15 @@ def test_unknown_loads_count_as_no_wait():
     ],
 )
 def test_expected_wait_from_queue_load(depth, consumers, expected):
-    """Wait is depth x run / consumers, plus the family's cold start when nothing consumes."""
+    """Wait is depth x device time / consumers (a batching server overlaps streams), plus the cold start when nothing consumes."""
     spec = make_spec(**{k: v for k, v in CHAT_8B.items() if k != "slo"})
     base = place(spec, CATALOG)
     p = place(spec, CATALOG, loads={base.queue: QueueLoad(depth, consumers)})
     assert p.accelerator == base.accelerator  # cost policy, no deadline: wait does not decide
-    cold = CATALOG.family(base.accelerator).cold_start_s
-    run = base.estimated_duration_s
+    family = CATALOG.family(base.accelerator)
+    cold = family.cold_start_s
+    offer = next(o for o in CATALOG.offers if o.instance_type == base.offer.instance_type)
+    run = estimate(spec, family, base.devices, offer.vcpus).busy_s
     want = {"cold": cold, "cold+3": cold + 3 * run, "10/2": 10 * run / 2, "zero": 0.0}[expected]
     assert p.estimated_wait_s == pytest.approx(want)
 
