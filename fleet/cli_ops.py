@@ -274,3 +274,61 @@ def drain(target: str, config_path: str) -> None:
     console.print(
         f"worker {target} stopped consuming {len(worker.queues)} queue(s); its running tasks finish"
     )
+
+
+@main.command()
+@click.option("--trace", "trace_path", required=True, help="Trace file (JSON lines).")
+@click.option(
+    "--config", "config_path", required=True, help="Autoscaler TOML (its pools are the capacity)."
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["fleet", "homogeneous", "cheapest"]),
+    default="fleet",
+    show_default=True,
+)
+@click.option(
+    "--spot-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Spot interruptions per instance-hour.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def simulate(
+    trace_path: str, config_path: str, policy: str, spot_rate: float, seed: int, as_json: bool
+) -> None:
+    """Replay a trace through the real placement and planner on a virtual clock."""
+    from fleet.catalog import default_catalog  # noqa: PLC0415
+    from fleet.sim.engine import simulate as run_sim  # noqa: PLC0415
+    from fleet.sim.trace import TraceError, read_trace  # noqa: PLC0415
+
+    cfg = _config(config_path)
+    try:
+        trace = read_trace(Path(trace_path))
+    except (OSError, TraceError) as exc:
+        err.print(f"[red]bad trace:[/] {exc}")
+        sys.exit(EXIT_INPUT)
+    result = run_sim(
+        trace, cfg, default_catalog(), policy, spot_interruptions_per_hour=spot_rate, seed=seed
+    )
+    data = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key in (
+        "policy",
+        "tasks",
+        "completed",
+        "rejected",
+        "total_cost_usd",
+        "cost_per_1k_tasks_usd",
+        "p50_latency_s",
+        "p95_latency_s",
+        "slo_attainment",
+    ):
+        value = data[key]
+        console.print(f"{key:24} {value:.4g}" if isinstance(value, float) else f"{key:24} {value}")
+    for pool, u in data["utilisation"].items():
+        console.print(f"utilisation {pool:12} {u:.1%}")

@@ -161,6 +161,7 @@ class Simulation:
         keda_polling_s: float = 30.0,
         keda_cooldown_s: float = 300.0,
         keda_max: int = 100,
+        boot_s: float | None = None,
     ) -> None:
         """Prepare a run; ``policy`` is one of ``POLICIES``."""
         if policy not in POLICIES:
@@ -174,6 +175,7 @@ class Simulation:
         self.rng = random.Random(seed)
         self.spot_rate = spot_interruptions_per_hour
         self.keda = (keda_target, keda_polling_s, keda_cooldown_s, keda_max)
+        self.boot_s = boot_s  # None: each family's cold start from the catalog
         self.events: list[tuple[float, int, str, Any]] = []
         self.seq = itertools.count()
         self.queues: dict[str, deque[SimTask]] = {}
@@ -339,7 +341,7 @@ class Simulation:
             price,
             devices,
             self.now,
-            self.now + family.cold_start_s,
+            self.now + (family.cold_start_s if self.boot_s is None else self.boot_s),
         )
         self.instances[inst.id] = inst
         self._push(inst.ready_at, "ready")

@@ -1,0 +1,159 @@
+"""The simulator on tiny traces with answers computed by hand from the model's rules."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fleet.autoscaler.config import parse_config
+from fleet.catalog import default_catalog
+from fleet.cli import main
+from fleet.sim.engine import HOMOGENEOUS_OFFER, simulate
+from fleet.sim.trace import TraceError, TraceEvent, parse_trace, write_trace
+from fleet.spec import parse_spec
+from fleet.throughput import estimate
+
+CATALOG = default_catalog()
+POOL = """
+[fleet]
+loop_interval_s = 5
+[[pools]]
+name = "l4"
+provider = "local"
+accelerator = "nvidia-l4"
+price_as = "aws/us-east-1/g6.xlarge"
+markets = ["on_demand"]
+max_instances = 1
+drain_target_s = 30
+idle_before_scale_in_s = 60
+scale_out_cooldown_s = 0
+scale_in_cooldown_s = 0
+"""
+CONFIG = parse_config(POOL, env={})
+L4_PRICE = 0.8048  # g6.xlarge on-demand, from the catalog
+CHAT = {
+    "kind": "inference",
+    "model": {"name": "m", "params_b": 8, "dtype": "bf16"},
+    "tokens_in": 100,
+    "tokens_out": 50,
+}
+
+
+def one_task(at: float = 0.0, **extra: object) -> list[TraceEvent]:
+    """A trace of one 8B chat task."""
+    return [TraceEvent(at, parse_spec({**CHAT, **extra}))]
+
+
+def test_one_task_one_offer_is_exact() -> None:
+    """One task on one L4 pool: latency is boot + run, cost is price x (launch to scale-in)."""
+    result = simulate(one_task(), CONFIG, CATALOG, "fleet")
+    family = CATALOG.family("nvidia-l4")
+    run = estimate(parse_spec(CHAT), family, 1).service_s
+    boot = family.cold_start_s
+    finish = boot + run
+    # Ticks every 5 s from 0; the last tick that sees the task running is the last before
+    # it finishes; scale-in comes at the first tick 60 s (idle time) after that.
+    last_busy = math.floor(finish / 5) * 5
+    end = math.ceil((last_busy + 60) / 5) * 5
+    assert result.completed == 1
+    assert result.p50_latency_s == pytest.approx(finish)
+    assert result.total_cost_usd == pytest.approx(L4_PRICE * end / 3600)
+    assert result.cost_per_1k_tasks_usd == pytest.approx(1000 * L4_PRICE * end / 3600)
+    assert result.slo_attainment == 1.0
+    assert result.placements == {0: "inference.nvidia-l4"}
+
+
+def test_a_missed_deadline_counts_against_slo() -> None:
+    """A deadline shorter than the cold start is missed, and the task still completes."""
+    result = simulate(one_task(slo={"deadline_s": 10}), CONFIG, CATALOG, "fleet")
+    assert result.completed == 1
+    assert result.slo_attainment == 0.0
+
+
+def test_homogeneous_runs_everything_on_one_h100_offer() -> None:
+    """Homogeneous: KEDA-like scaling of 8 x H100 boxes; boot + run latency; cooldown before scale-in."""
+    result = simulate(one_task(), CONFIG, CATALOG, "homogeneous")
+    offer = next(
+        o for o in CATALOG.offers if (o.cloud, o.region, o.instance_type) == HOMOGENEOUS_OFFER
+    )
+    family = CATALOG.family("nvidia-h100")
+    finish = family.cold_start_s + estimate(parse_spec(CHAT), family, 1).service_s
+    assert result.completed == 1
+    assert result.p50_latency_s == pytest.approx(finish)
+    # Polls every 30 s; desired drops to 0 at the first poll after the task ends; 300 s cooldown.
+    low_since = math.ceil(finish / 30) * 30
+    end = math.ceil((low_since + 300) / 30) * 30
+    assert result.total_cost_usd == pytest.approx(offer.on_demand_usd_per_hour * end / 3600)
+
+
+def test_homogeneous_rejects_what_eight_h100s_cannot_hold() -> None:
+    """A 405B bf16 task (972 GB) cannot run on 8 x H100 (640 GB) and is rejected."""
+    trace = [
+        TraceEvent(
+            0.0, parse_spec({**CHAT, "model": {"name": "big", "params_b": 405, "dtype": "bf16"}})
+        )
+    ]
+    result = simulate(trace, CONFIG, CATALOG, "homogeneous")
+    assert result.rejected == 1
+    assert result.completed == 0
+
+
+def test_spot_interruptions_requeue_and_every_task_finishes() -> None:
+    """With frequent spot interruptions tasks are requeued onto new capacity and all complete."""
+    config = parse_config(
+        POOL.replace(
+            'price_as = "aws/us-east-1/g6.xlarge"', 'price_as = "gcp/us-central1/g2-standard-12"'
+        )
+        .replace('markets = ["on_demand"]', 'markets = ["spot"]')
+        .replace("max_instances = 1", "max_instances = 3"),
+        env={},
+    )
+    trace = [TraceEvent(float(i), parse_spec({**CHAT, "tokens_out": 2000})) for i in range(30)]
+    result = simulate(trace, config, CATALOG, "fleet", spot_interruptions_per_hour=20.0, seed=3)
+    assert result.completed == 30
+    assert result.instances_launched > 1
+
+
+def test_unknown_policy_is_refused() -> None:
+    """Only fleet, homogeneous and cheapest exist."""
+    with pytest.raises(ValueError, match="policy"):
+        simulate(one_task(), CONFIG, CATALOG, "magic")
+
+
+def test_trace_errors_name_the_line() -> None:
+    """A bad line is reported with its number."""
+    good = json.dumps({"t": 0, "spec": CHAT})
+    with pytest.raises(TraceError, match="line 2"):
+        parse_trace([good, '{"t": 1}'])
+    with pytest.raises(TraceError, match="back in time"):
+        parse_trace([json.dumps({"t": 5, "spec": CHAT}), good])
+
+
+def test_cli_simulate_prints_the_required_fields(tmp_path: Path) -> None:
+    """`fleet simulate --json` reports cost, tasks, cost per 1k, latencies, SLO attainment and utilisation."""
+    trace = tmp_path / "t.jsonl"
+    write_trace(one_task(), trace)
+    config = tmp_path / "c.toml"
+    config.write_text(POOL)
+    out = CliRunner().invoke(
+        main,
+        ["simulate", "--trace", str(trace), "--config", str(config), "--policy", "fleet", "--json"],
+    )
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    for key in (
+        "total_cost_usd",
+        "tasks",
+        "cost_per_1k_tasks_usd",
+        "p50_latency_s",
+        "p95_latency_s",
+        "slo_attainment",
+        "utilisation",
+    ):
+        assert key in data
+    assert data["tasks"] == 1
+    assert 0 < data["utilisation"]["l4"] <= 1
