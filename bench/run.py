@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from bench import plan_bench, reaction
+from bench import plan_bench, reaction, sim_bench
 from fleet.app import TASK_NAME, TIME_LIMITS, create_app
 from fleet.client import Fleet
 from fleet.embedded import embedded_redis
@@ -296,6 +296,7 @@ def main() -> int:
         out["reaction"] = reaction.run(url)
         client.flushdb()
     out["plan"] = plan_bench.run()
+    out["traces"] = sim_bench.run()
     s, b, w = out["submit"], out["bulk"], out["worker"]
     print(f"{'benchmark':34} {'fleet':>14} {'baseline':>14} {'ratio':>8}  target")
     print(
@@ -318,6 +319,8 @@ def main() -> int:
         print(
             f"{f'plan, {pools:,} pools x 500 queues':34} {ms:>11.1f} ms {'':>14} {'':>8}  < 100 ms at 1,000"
         )
+    print()
+    sim_bench.print_table(out["traces"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(
