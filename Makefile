@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 CONFIG ?= infra/fleet.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format typecheck test test-unit test-integration check demo bench worker status catalog route autoscale plan scale drain config-check clean
+.PHONY: help install lint format typecheck test test-unit test-integration check demo bench worker status catalog route autoscale plan scale drain simulate trace config-check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -71,6 +71,12 @@ scale: $(STAMP) ## Set a pool's size now: make scale POOL=local-l4 N=2
 
 drain: $(STAMP) ## Drain a pool or a worker: make drain TARGET=local-l4 (or a worker's node name)
 	$(BIN)/fleet drain $(TARGET) --config $(CONFIG)
+
+simulate: $(STAMP) ## Replay a trace: make simulate TRACE=t.jsonl [POLICY=fleet|homogeneous|cheapest] [CONFIG=...]
+	$(BIN)/fleet simulate --trace $(TRACE) --config $(CONFIG) --policy $(or $(POLICY),fleet)
+
+trace: $(STAMP) ## Generate a trace: make trace KIND=multi-agent N=2000 OUT=t.jsonl [SEED=1]
+	$(BIN)/python -m fleet.sim.generators $(KIND) --n $(N) --seed $(or $(SEED),1) --out $(OUT)
 
 config-check: $(STAMP) ## Validate CONFIG
 	$(BIN)/fleet config check $(CONFIG)
