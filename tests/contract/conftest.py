@@ -55,6 +55,7 @@ class Harness:
     patience_s: float  # how long ``list`` may lag
     env: dict[str, str] = field(default_factory=dict)
     state_dir: Path | None = None
+    offer: OfferRef = OFFER  # what make_request asks for while this harness runs
 
     def list_until(
         self, predicate: Callable[[list[Instance]], bool], provider: Provider | None = None
