@@ -208,11 +208,14 @@ def submit(spec_file: str, as_json: bool, policy: str, wait_s: float | None) -> 
             console.print(f"  result: {json.dumps(row['result'].get('output'), default=str)[:400]}")
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the catalog as JSON.")
 @click.option("--catalog", "catalog_dir", help="Catalog directory (default: shipped).")
-def catalog(as_json: bool, catalog_dir: str | None) -> None:
-    """List accelerator families and priced offers."""
+@click.pass_context
+def catalog(ctx: click.Context, as_json: bool, catalog_dir: str | None) -> None:
+    """List accelerator families and priced offers (``catalog refresh`` pulls live prices)."""
+    if ctx.invoked_subcommand is not None:
+        return
     cat = _load_catalog(catalog_dir)
     if as_json:
         from dataclasses import asdict  # noqa: PLC0415

@@ -17,6 +17,7 @@ from rich.table import Table
 from fleet.autoscaler.config import AutoscalerConfig, ConfigError, load_config
 from fleet.autoscaler.model import Plan, Snapshot, Termination
 from fleet.cli import EXIT_INPUT, console, err, main
+from fleet.cli import catalog as catalog_group
 from fleet.settings import Settings, masked
 
 
@@ -332,3 +333,62 @@ def simulate(
         console.print(f"{key:24} {value:.4g}" if isinstance(value, float) else f"{key:24} {value}")
     for pool, u in data["utilisation"].items():
         console.print(f"utilisation {pool:12} {u:.1%}")
+
+
+@catalog_group.command("refresh")
+@click.option("--cloud", type=click.Choice(["aws", "gcp", "azure"]), required=True)
+@click.option(
+    "--out",
+    "out_dir",
+    help="Directory for the new catalog version (default .fleet/catalog/<date>-<cloud>).",
+)
+@click.option("--region", default="us-east-1", show_default=True, help="AWS region to refresh.")
+@click.option("--endpoint-url", help="AWS endpoint override (tests: a moto server).")
+def catalog_refresh(cloud: str, out_dir: str | None, region: str, endpoint_url: str | None) -> None:
+    """Pull current prices into a new catalog version; the shipped catalog stays the offline default."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from rich.progress import Progress  # noqa: PLC0415
+
+    from fleet.catalog import DATA_DIR  # noqa: PLC0415
+
+    today = datetime.now(UTC).date().isoformat()
+    source = Path(os.environ.get("FLEET_CATALOG_DIR") or DATA_DIR)
+    out = Path(out_dir or f".fleet/catalog/{today}-{cloud}")
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"refreshing {cloud} prices", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            if cloud == "aws":
+                from fleet.pricing.aws import refresh_aws  # noqa: PLC0415 - optional SDK
+
+                updated = refresh_aws(
+                    source,
+                    out,
+                    region=region,
+                    endpoint_url=endpoint_url,
+                    progress=progress,
+                    today=today,
+                )
+            elif cloud == "gcp":
+                from fleet.pricing.gcp import refresh_gcp  # noqa: PLC0415
+
+                updated = refresh_gcp(source, out, today=today, progress=progress)
+            else:
+                from fleet.pricing.azure import refresh_azure  # noqa: PLC0415
+
+                updated = refresh_azure(source, out, today=today, progress=progress)
+        except ImportError as exc:
+            err.print(
+                f"[red]the {cloud} SDK is not installed (pip install 'fleet[{cloud}]'):[/] {exc.name}"
+            )
+            sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - any SDK or network failure: one line, no secrets
+            err.print(f"[red]{cloud} price refresh failed:[/] {type(exc).__name__}")
+            sys.exit(1)
+    console.print(
+        f"{updated} {cloud} offers updated; new catalog in {out}. Use it with: export FLEET_CATALOG_DIR={out}"
+    )

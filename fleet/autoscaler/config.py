@@ -103,12 +103,59 @@ class FleetConfig(BaseModel):
     local_state_dir: str = ".fleet/local-instances"
 
 
+class AwsSettings(BaseModel):
+    """How the AWS provider launches: region, AMI, network, the worker's instance profile."""
+
+    model_config = _STRICT
+
+    region: str
+    image_id: str
+    subnet_id: str | None = None
+    security_group_ids: tuple[str, ...] = ()
+    instance_profile: str | None = None
+    endpoint_url: str | None = None  # tests: a moto server
+
+
+class GcpSettings(BaseModel):
+    """How the GCP provider launches: project, zone, image, the worker's service account."""
+
+    model_config = _STRICT
+
+    project: str
+    zone: str
+    image: str = "projects/debian-cloud/global/images/family/debian-12"
+    network: str = "global/networks/default"
+    service_account: str | None = None
+
+
+class AzureSettings(BaseModel):
+    """How the Azure provider launches: subscription, resource group, location, subnet."""
+
+    model_config = _STRICT
+
+    subscription_id: str
+    resource_group: str
+    location: str
+    subnet_id: str = ""
+
+
+class ProviderSettings(BaseModel):
+    """Cloud provider settings; a cloud without settings is skipped when acting."""
+
+    model_config = _STRICT
+
+    aws: AwsSettings | None = None
+    gcp: GcpSettings | None = None
+    azure: AzureSettings | None = None
+
+
 class AutoscalerConfig(BaseModel):
     """The whole file."""
 
     model_config = _STRICT
 
     fleet: FleetConfig = FleetConfig()
+    providers: ProviderSettings = ProviderSettings()
     pools: tuple[PoolConfig, ...] = ()
 
     @model_validator(mode="after")

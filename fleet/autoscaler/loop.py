@@ -62,6 +62,55 @@ def available_providers(config: AutoscalerConfig, settings: Settings) -> dict[st
         out["local"] = LocalProvider(env, state, state / "logs")
     if "fake" in wanted:
         out["fake"] = FakeProvider(start_running=True)
+    out.update(cloud_providers(config, wanted))
+    return out
+
+
+BOOTSTRAP = Path(__file__).resolve().parents[2] / "infra" / "bootstrap"
+
+
+def _bootstrap(name: str) -> str:
+    path = BOOTSTRAP / name
+    return path.read_text() if path.exists() else ""
+
+
+def cloud_providers(config: AutoscalerConfig, wanted: set[str]) -> dict[str, Provider]:
+    """AWS, GCP and Azure providers for the clouds that have pools and settings.
+
+    A cloud whose SDK is not installed (its extra: ``fleet[aws]`` ...) is skipped, and its
+    pools with it, never half-driven.
+    """
+    out: dict[str, Provider] = {}
+    settings = config.providers
+    name = config.fleet.namespace.rstrip(".") or "fleet"
+    if "aws" in wanted and settings.aws is not None:
+        try:
+            from fleet.providers.aws import AwsProvider  # noqa: PLC0415 - optional SDK
+        except ImportError:
+            log.warning("pools on aws skipped: install fleet[aws]")
+        else:
+            a = settings.aws
+            out["aws"] = AwsProvider(a.region, fleet_name=name, image_id=a.image_id, subnet_id=a.subnet_id,
+                                     security_group_ids=a.security_group_ids, instance_profile=a.instance_profile,
+                                     user_data=_bootstrap("cloud-init.yaml"), endpoint_url=a.endpoint_url)  # fmt: skip
+    if "gcp" in wanted and settings.gcp is not None:
+        try:
+            from fleet.providers.gcp import GcpProvider  # noqa: PLC0415 - optional SDK
+        except ImportError:
+            log.warning("pools on gcp skipped: install fleet[gcp]")
+        else:
+            g = settings.gcp
+            out["gcp"] = GcpProvider(g.project, g.zone, fleet_name=name, image=g.image, network=g.network,
+                                     service_account=g.service_account, startup_script=_bootstrap("gce-startup.sh"))  # fmt: skip
+    if "azure" in wanted and settings.azure is not None:
+        try:
+            from fleet.providers.azure import AzureProvider  # noqa: PLC0415 - optional SDK
+        except ImportError:
+            log.warning("pools on azure skipped: install fleet[azure]")
+        else:
+            z = settings.azure
+            out["azure"] = AzureProvider(z.subscription_id, z.resource_group, z.location, fleet_name=name,
+                                         subnet_id=z.subnet_id, custom_data=_bootstrap("cloud-init.yaml"))  # fmt: skip
     return out
 
 
