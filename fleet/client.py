@@ -11,6 +11,7 @@ resubmission is recognisable and its result is stored under the same id.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
 
 from fleet.app import TASK_NAME, TIME_LIMITS, create_app
+from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools, load_config
 from fleet.catalog import Catalog, default_catalog
 from fleet.placement import Placement, Policy, place
 from fleet.queues import all_queue_names
@@ -79,18 +81,31 @@ class Fleet:
         catalog: Catalog | None = None,
         stats: StatsSource | None = None,
         stats_interval_s: float = 1.0,
+        pools: AutoscalerConfig | None = None,
     ) -> None:
-        """Build from ``settings`` (default: environment); ``stats`` overrides the broker's."""
+        """Build from ``settings`` (default: environment); ``stats`` overrides the broker's.
+
+        With ``pools`` (an autoscaler config), placement only chooses offers its pools can
+        buy, so no task lands on a queue nothing will ever serve.
+        """
         self.settings = settings or Settings.from_env()
         self.app = app or create_app(self.settings)
         self.catalog = catalog or default_catalog()
+        if pools is not None:
+            self.catalog = catalog_for_pools(self.catalog, pools)
         self._queues = all_queue_names(self.catalog, self.settings.namespace)
         self._stats = StatsCache(stats or self._default_stats(), self._queues, stats_interval_s)
 
     @classmethod
     def from_env(cls) -> Fleet:
-        """A client configured from the ``FLEET_*`` environment variables."""
-        return cls()
+        """A client configured from the ``FLEET_*`` variables (``FLEET_CONFIG``: pools to place on).
+
+        Raises:
+            ConfigError: ``FLEET_CONFIG`` names an invalid file.
+
+        """
+        path = os.environ.get("FLEET_CONFIG")
+        return cls(pools=load_config(path) if path else None)
 
     def _default_stats(self) -> StatsSource:
         if self.settings.is_redis:

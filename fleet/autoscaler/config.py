@@ -281,3 +281,21 @@ def _offer_problem(pool: PoolConfig, catalog: Catalog) -> str | None:
     if not pool_offers(pool, catalog):
         return f"no priced {pool.accelerator} offer matches provider {pool.provider}, region {pool.region}, instance_types {list(pool.instance_types)}, markets {list(pool.markets)}"
     return None
+
+
+def catalog_for_pools(catalog: Catalog, config: AutoscalerConfig) -> Catalog:
+    """The catalog reduced to the offers the config's pools can buy.
+
+    Placement on this catalog only chooses accelerators the fleet has capacity for (the
+    simulator does this; ``Fleet(config=...)`` and ``FLEET_CONFIG`` do it for clients).
+    """
+    keep = {
+        (p.offer.cloud, p.offer.region, p.offer.instance_type)
+        for pool in config.pools
+        for p in pool_offers(pool, catalog)
+    }
+    offers = tuple(o for o in catalog.offers if (o.cloud, o.region, o.instance_type) in keep)
+    by_family = {
+        name: tuple(o for o in offers if o.accelerator == name) for name in catalog.families
+    }
+    return Catalog(catalog.version, catalog.families, offers, by_family)

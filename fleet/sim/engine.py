@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fleet.autoscaler.config import AutoscalerConfig, pool_offers
+from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools
 from fleet.autoscaler.model import (
     Instance,
     InstanceState,
@@ -131,20 +131,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def restrict_catalog(catalog: Catalog, config: AutoscalerConfig) -> Catalog:
-    """The catalog reduced to the offers the config's pools can buy (placement targets these)."""
-    keep = {
-        (p.offer.cloud, p.offer.region, p.offer.instance_type)
-        for pool in config.pools
-        for p in pool_offers(pool, catalog)
-    }
-    offers = tuple(o for o in catalog.offers if (o.cloud, o.region, o.instance_type) in keep)
-    by_family = {
-        name: tuple(o for o in offers if o.accelerator == name) for name in catalog.families
-    }
-    return Catalog(catalog.version, catalog.families, offers, by_family)
-
-
 class Simulation:
     """One run of one policy over one trace."""
 
@@ -169,7 +155,7 @@ class Simulation:
         self.policy = policy
         self.config = config
         self.catalog = catalog
-        self.placement_catalog = restrict_catalog(catalog, config)
+        self.placement_catalog = catalog_for_pools(catalog, config)
         self.all_queues = all_queue_names(self.placement_catalog)
         self.tasks = [SimTask(i, e.spec, e.t) for i, e in enumerate(trace)]
         self.rng = random.Random(seed)

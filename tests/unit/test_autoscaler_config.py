@@ -145,3 +145,29 @@ def test_cli_config_check_and_plan_from_a_snapshot(tmp_path: Path) -> None:
     launched_pools = {d["pool"] for d in body["decisions"] if d["launches"]}
     assert launched_pools  # 40 queued L4 tasks get capacity
     assert launched_pools <= {"l4-aws", "l4-gcp", "local-l4"}
+
+
+def test_placement_on_the_pools_catalog_only_chooses_what_pools_can_buy() -> None:
+    """With only the local L4 and CPU pools, an 8B chat task goes to one of them, never elsewhere."""
+    from fleet.autoscaler.config import catalog_for_pools  # noqa: PLC0415
+    from fleet.placement import place  # noqa: PLC0415
+    from fleet.spec import parse_spec  # noqa: PLC0415
+
+    config = load_config(SHIPPED, env={})
+    local = config.model_copy(
+        update={"pools": tuple(p for p in config.pools if p.provider == "local")}
+    )
+    restricted = catalog_for_pools(default_catalog(), local)
+    spec = parse_spec(
+        {
+            "kind": "inference",
+            "model": {"name": "m", "params_b": 8},
+            "tokens_in": 100,
+            "tokens_out": 20,
+        }
+    )
+    assert place(spec, restricted).accelerator == "nvidia-l4"
+    assert (
+        place(spec, default_catalog()).accelerator != "nvidia-l4"
+    )  # the full catalog has cheaper chips
+    assert {o.instance_type for o in restricted.offers} == {"g6.xlarge", "c6i.xlarge"}
