@@ -92,6 +92,7 @@ class Actuator:
             token=launch.token,
             devices=launch.devices,
             usd_per_hour=launch.usd_per_hour,
+            fleet_name=self.config.fleet_tag,
             env={"FLEET_NAMESPACE": self.config.fleet.namespace},
         )
         result = provider.launch(request, now)

@@ -166,6 +166,11 @@ class AutoscalerConfig(BaseModel):
             raise ValueError(f"pools: duplicate names {dupes}")
         return self
 
+    @property
+    def fleet_tag(self) -> str:
+        """The value of the ``fleet`` tag on every instance this config launches."""
+        return self.fleet.namespace.rstrip(".") or "fleet"
+
     def pool(self, name: str) -> PoolConfig:
         """The pool called ``name``; KeyError lists the known ones."""
         for p in self.pools:

@@ -49,7 +49,7 @@ def available_providers(config: AutoscalerConfig, settings: Settings) -> dict[st
     from fleet.providers.fake import FakeProvider  # noqa: PLC0415 - only when a pool uses it
     from fleet.providers.local import LocalProvider  # noqa: PLC0415
 
-    wanted = {p.provider for p in config.pools}
+    wanted: set[str] = {p.provider for p in config.pools}
     out: dict[str, Provider] = {}
     if "local" in wanted:
         env = {
@@ -82,7 +82,7 @@ def cloud_providers(config: AutoscalerConfig, wanted: set[str]) -> dict[str, Pro
     """
     out: dict[str, Provider] = {}
     settings = config.providers
-    name = config.fleet.namespace.rstrip(".") or "fleet"
+    name = config.fleet_tag
     if "aws" in wanted and settings.aws is not None:
         try:
             from fleet.providers.aws import AwsProvider  # noqa: PLC0415 - optional SDK
