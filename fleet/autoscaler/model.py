@@ -35,10 +35,10 @@ class InstanceState(StrEnum):
 class ErrorKind(StrEnum):
     """Provider error taxonomy shared by every cloud."""
 
-    CAPACITY = "capacity"  # no capacity for this offer now (InsufficientInstanceCapacity, ZONE_RESOURCE_POOL_EXHAUSTED, AllocationFailed)
+    CAPACITY = "capacity"  # no capacity now (InsufficientInstanceCapacity, ZONE_RESOURCE_POOL_EXHAUSTED, AllocationFailed, SkuNotAvailable)
     QUOTA = "quota"  # account limits (VcpuLimitExceeded, QUOTA_EXCEEDED)
     THROTTLED = "throttled"  # API rate limits (retried by the SDK; reported if they persist)
-    UNSUPPORTED = "unsupported"  # the offer does not exist here (Unsupported, SkuNotAvailable)
+    UNSUPPORTED = "unsupported"  # the offer does not exist here (Unsupported, InvalidInstanceType)
     AUTH = "auth"  # credentials or permissions
     OTHER = "other"
 

@@ -1,0 +1,1 @@
+"""Local fakes of cloud REST APIs for tests (GCE, Azure Resource Manager)."""
