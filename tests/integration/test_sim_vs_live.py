@@ -2,7 +2,7 @@
 
 The live run uses a real Redis, the real autoscaler loop and the local provider's real
 worker processes; the simulation replays the same trace through the same placement and
-planner with the local provider's boot time. Placements must match task for task; costs
+planner, given the boot time the live run measured. Placements must match task for task; costs
 (instance-seconds x the pools' prices) must agree within ``COST_TOLERANCE``, which covers
 what the simulator does not model: process start-up jitter, Celery's own latencies, and
 the CPU handlers' wall time against the throughput model's.
@@ -29,7 +29,7 @@ from tests.integration.brokers import redis_url
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 COST_TOLERANCE = 0.35
-LOCAL_BOOT_S = 2.0  # a local worker process answers within about this long here
+LOCAL_BOOT_S = 2.0  # used only if no boot was observed
 
 SMALL_L4 = {"kind": "inference", "model": {"name": "tiny-chat", "params_b": 0.5, "dtype": "bf16"},
             "tokens_in": 20, "tokens_out": 4, "requirements": {"accelerators": ["nvidia-l4"]}}  # fmt: skip
@@ -69,12 +69,17 @@ def local_config(url: str, tmp: Path) -> AutoscalerConfig:
 
 def run_live(
     config: AutoscalerConfig, settings: Settings, events: list[TraceEvent]
-) -> tuple[list[str], float]:
-    """Submit on the trace's schedule while stepping the real autoscaler; (queues, cost)."""
+) -> tuple[list[str], float, float]:
+    """Submit on the trace's schedule while stepping the real autoscaler; (queues, cost, boot s).
+
+    The boot time is measured: from each launch to the first loop that sees the instance's
+    worker registered, so the simulation can be given the same.
+    """
     scaler = build_autoscaler(config, settings, locked=False)
     provider: Any = scaler.providers["local"]
     launched: dict[str, tuple[float, float]] = {}
     ended: dict[str, float] = {}
+    seen: dict[str, float] = {}
     queues: list[str] = []
     handles = []
     start = time.time()
@@ -89,6 +94,10 @@ def run_live(
                     queues.append(handle.placement.queue)
                     handles.append(handle)
                 report = scaler.step(now=now)
+                if report.snapshot is not None:
+                    for w in report.snapshot.workers:
+                        if w.instance_id is not None:
+                            seen.setdefault(w.instance_id, now)
                 if report.acted is not None:
                     for inst in report.acted.launched:
                         launched[inst.id] = (inst.launched_at, inst.usd_per_hour)
@@ -106,7 +115,8 @@ def run_live(
         provider.terminate_all(time.time())
     assert set(ended) >= set(launched), "live run did not scale back in"
     cost = sum(price * (ended[i] - t0) / 3600 for i, (t0, price) in launched.items())
-    return queues, cost
+    boots = [seen[i] - t0 for i, (t0, _) in launched.items() if i in seen]
+    return queues, cost, (sum(boots) / len(boots) if boots else LOCAL_BOOT_S)
 
 
 def test_simulator_matches_the_live_system(tmp_path: Path) -> None:
@@ -121,8 +131,8 @@ def test_simulator_matches_the_live_system(tmp_path: Path) -> None:
                 "FLEET_ARTIFACT_DIR": str(tmp_path),
             }
         )
-        live_queues, live_cost = run_live(config, settings, events)
-    sim = simulate(events, config, default_catalog(), "fleet", boot_s=LOCAL_BOOT_S)
+        live_queues, live_cost, boot_s = run_live(config, settings, events)
+    sim = simulate(events, config, default_catalog(), "fleet", boot_s=boot_s)
     assert live_queues == [sim.placements[i] for i in range(len(events))]
     assert sim.completed == len(events)
     assert live_cost > 0
