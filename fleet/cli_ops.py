@@ -370,6 +370,7 @@ def catalog_refresh(cloud: str, out_dir: str | None, region: str, endpoint_url: 
                     out,
                     region=region,
                     endpoint_url=endpoint_url,
+                    pricing_endpoint_url=endpoint_url,
                     progress=progress,
                     today=today,
                 )

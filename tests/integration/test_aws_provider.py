@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +37,14 @@ from fleet.providers.aws import AwsProvider, client_token, error_kind
 from fleet.providers.base import TOKEN_TAG, LaunchRequest
 from tests.contract import test_provider_contract as contract
 from tests.contract.conftest import Harness
-from tests.contract.harness_aws import AWS_OFFER, REGION, aws_harness, client, make_provider
+from tests.contract.harness_aws import (
+    AWS_OFFER,
+    REGION,
+    aws_harness,
+    client,
+    make_provider,
+    moto_server,
+)
 
 pytestmark = pytest.mark.integration
 NOW = 1_000.0
@@ -382,3 +390,28 @@ def test_price_refresh_reads_the_pricing_api(tmp_path: Path) -> None:
 def test_price_refresh_refuses_to_overwrite_its_input(tmp_path: Path) -> None:
     with pytest.raises(PriceRefreshError):
         refresh_aws(DATA_DIR, DATA_DIR, region=REGION, today=TODAY)
+
+
+def test_cli_catalog_refresh_writes_a_new_version_the_planner_reads(tmp_path: Path) -> None:
+    """`fleet catalog refresh --cloud aws` against moto writes a catalog FLEET_CATALOG_DIR can use."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from fleet.catalog import load_catalog  # noqa: PLC0415
+
+    out = tmp_path / "refreshed"
+    with moto_server(tmp_path / "moto.log") as url:
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "fleet", "catalog", "refresh", "--cloud", "aws", "--endpoint-url", url, "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "offers updated" in done.stdout
+    refreshed = load_catalog(out)
+    assert refreshed.version.endswith(".aws-refresh")
