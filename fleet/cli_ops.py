@@ -141,6 +141,9 @@ def plan_cmd(
 @click.option("--dry-run", is_flag=True, help="Plan and print, change nothing (no lease taken).")
 def autoscale(config_path: str, once: bool, dry_run: bool) -> None:
     """Run the autoscaler: observe queues, plan, launch and drain capacity."""
+    from fleet.obs.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging()
     cfg = _config(config_path)
     try:
         scaler = _autoscaler(cfg, locked=not dry_run)

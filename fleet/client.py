@@ -11,6 +11,7 @@ resubmission is recognisable and its result is stored under the same id.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterable, Sequence
@@ -25,12 +26,15 @@ from celery.result import AsyncResult
 from fleet.app import TASK_NAME, TIME_LIMITS, create_app
 from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools, load_config
 from fleet.catalog import Catalog, default_catalog
+from fleet.obs.logs import get_logger
 from fleet.placement import Placement, Policy, place
 from fleet.queues import all_queue_names
 from fleet.settings import Settings
 from fleet.spec import TaskSpec, parse_spec
 from fleet.stats import AmqpStats, RedisStats, StatsCache, StatsSource
 
+log = get_logger("fleet.client")
+_stdlib_log = logging.getLogger("fleet.client")
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5f1e7c3a-2b7d-4c55-9d0e-6f1ee7f00001")
 BATCH_SIZE = 1000
 
@@ -171,7 +175,21 @@ class Fleet:
         spec = spec if isinstance(spec, TaskSpec) else parse_spec(spec)
         placement = self.route(spec, policy, pin)
         with self.app.producer_or_acquire() as producer:
-            return self._publish(producer, [(spec, placement, task_id_for(spec))], batch=False)[0]
+            handle = self._publish(producer, [(spec, placement, task_id_for(spec))], batch=False)[0]
+        if _stdlib_log.isEnabledFor(logging.INFO):  # costs nothing unless logging is configured
+            log.info(
+                "task.submitted",
+                task_id=handle.id,
+                kind=spec.kind.value,
+                model=spec.model.name,
+                params_b=spec.model.params_b,
+                dtype=spec.model.dtype.value,
+                queue=placement.queue,
+                offer=f"{placement.offer.cloud}/{placement.offer.instance_type}/{placement.offer.market.value}",
+                estimated_cost_usd=placement.estimated_cost_usd,
+                reasons=list(placement.reasons),
+            )
+        return handle
 
     def submit_many(
         self,

@@ -9,7 +9,6 @@ it is labelled emulated everywhere.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import uuid
@@ -19,13 +18,14 @@ import redis
 from celery import signals
 
 from fleet.catalog import Catalog, default_catalog
+from fleet.obs.logs import configure_logging, get_logger
 from fleet.queues import queues_for_worker
 from fleet.registry import Heartbeat, WorkerInfo
 from fleet.settings import Settings, masked
 from workers import identity as ident
 from workers.detect import Detected, detect
 
-log = logging.getLogger("fleet.worker")
+log = get_logger("fleet.worker")
 
 
 def resolve_identity(
@@ -77,13 +77,18 @@ def start(
     me = resolve_identity(catalog, accelerator, devices, concurrency, settings.namespace, detected)
     os.environ[ident.ENV_VAR] = me.to_json()
     node = hostname or f"{me.accelerator}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    configure_logging(loglevel)
     log.info(
-        "fleet worker %s on %s serving %d queues (%s)%s",
-        node,
-        masked(settings.broker_url),
-        len(me.queues),
-        ", ".join(me.queues),
-        " -- EMULATED: a CPU process standing in for this accelerator" if me.emulated else "",
+        "worker.starting",
+        node=node,
+        broker=masked(settings.broker_url),
+        accelerator=me.accelerator,
+        devices=me.devices,
+        emulated=me.emulated,
+        note="EMULATED: a CPU process standing in for this accelerator"
+        if me.emulated
+        else "real hardware",
+        queues=list(me.queues),
     )
     _register_heartbeat(settings, me, node)
     from fleet.app import app  # noqa: PLC0415 - after the identity is in the environment

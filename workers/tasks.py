@@ -15,17 +15,36 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from celery import Task
+import structlog
+from celery import Task, signals
 from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
 from fleet.app import TASK_NAME, app
 from fleet.compat import devices_needed, memory_needed_gb
+from fleet.obs.logs import get_logger
 from fleet.settings import Settings
 from fleet.spec import SpecError, parse_spec
 from workers import identity
 from workers.devices import DeviceLeases
 from workers.handlers import HandlerContext, HandlerError, run_handler
+
+log = get_logger("fleet.task")
+
+
+@signals.setup_logging.connect(weak=False)
+def _keep_our_logging(**_: Any) -> None:  # noqa: ANN401 - Celery signal arguments
+    """With a receiver here Celery leaves logging alone: ours (structlog) stays in charge."""
+
+
+@signals.task_prerun.connect(weak=False)
+def _bind_task(task_id: str | None = None, **_: Any) -> None:  # noqa: ANN401 - Celery signal arguments
+    structlog.contextvars.bind_contextvars(task_id=task_id)
+
+
+@signals.task_postrun.connect(weak=False)
+def _unbind_task(**_: Any) -> None:  # noqa: ANN401 - Celery signal arguments
+    structlog.contextvars.clear_contextvars()
 
 
 class TaskRefusedError(Exception):
@@ -61,10 +80,14 @@ def run(
     try:
         task = parse_spec(spec)
     except SpecError as exc:
+        log.warning("task.refused", reason="invalid spec", detail=str(exc)[:500])
         raise TaskRefusedError(f"invalid spec: {exc}") from None
     need = memory_needed_gb(task)
     devices = devices_needed(need, me.memory_gb, me.devices)
     if devices is None:
+        log.warning(
+            "task.refused", reason="does not fit this worker", need_gb=need, worker=me.label
+        )
         raise TaskRefusedError(
             f"needs {need:,.1f} GB; this worker ({me.label}) holds {me.devices} x {me.memory_gb:g} GB"
         )
@@ -85,6 +108,15 @@ def run(
             raise TaskRefusedError(f"bad input: {exc}") from None
     run_s = time.perf_counter() - t0
     delivery = self.request.delivery_info or {}
+    log.info(
+        "task.finished",
+        queue=delivery.get("routing_key"),
+        accelerator=me.accelerator,
+        emulated=me.emulated,
+        kind=task.kind.value,
+        run_s=round(run_s, 6),
+        estimated_cost_usd=(placement or {}).get("estimated_cost_usd"),
+    )
     return {
         "task_id": self.request.id,
         "output": output,

@@ -18,7 +18,6 @@ a worker had not started goes back to its queue.
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,9 +34,10 @@ from fleet.autoscaler.model import (
     Snapshot,
     Termination,
 )
+from fleet.obs.logs import get_logger
 from fleet.providers.base import LaunchRequest, Provider
 
-log = logging.getLogger("fleet.autoscaler")
+log = get_logger("fleet.autoscaler")
 INSPECT_TIMEOUT_S = 1.0
 MAX_ERRORS = 500
 
@@ -100,21 +100,21 @@ class Actuator:
             self.errors.append(result.error)
             report.failed.append(result.error)
             log.warning(
-                "launch failed: pool=%s offer=%s kind=%s %s",
-                pool.name,
-                launch.offer.key,
-                result.error.kind,
-                result.error.message,
+                "autoscaler.launch_failed",
+                pool=pool.name,
+                offer=launch.offer.key,
+                error_kind=result.error.kind.value,
+                message=result.error.message,
             )
         elif result.instance is not None:
             report.launched.append(result.instance)
             log.info(
-                "launched %s for pool %s: %s at $%.4g/h (%s)",
-                result.instance.id,
-                pool.name,
-                launch.offer.key,
-                launch.usd_per_hour,
-                launch.reason,
+                "autoscaler.launched",
+                instance=result.instance.id,
+                pool=pool.name,
+                offer=launch.offer.key,
+                usd_per_hour=launch.usd_per_hour,
+                reason=launch.reason,
             )
 
     def _progress(self, snapshot: Snapshot, now: float, report: ActReport) -> None:
@@ -138,7 +138,9 @@ class Actuator:
                         self.app.control.cancel_consumer(
                             queue, destination=[node], reply=True, timeout=INSPECT_TIMEOUT_S
                         )
-                log.info("draining %s (pool %s): %s", instance_id, term.pool, term.reason)
+                log.info(
+                    "autoscaler.draining", instance=instance_id, pool=term.pool, reason=term.reason
+                )
             if nodes and self._busy([n for n, _ in nodes]):
                 continue  # re-checked next loop
             self._terminate(inst, term, now, report)
@@ -155,19 +157,24 @@ class Actuator:
     def _terminate(self, inst: Instance, term: Termination, now: float, report: ActReport) -> None:
         provider = self.providers.get(inst.provider)
         if provider is None:
-            log.warning("cannot terminate %s: provider %r is not available", inst.id, inst.provider)
+            log.warning("autoscaler.no_provider", instance=inst.id, provider=inst.provider)
             return
         error = provider.terminate(inst.id, now)
         if error is not None:
             self.errors.append(error)
-            log.warning("terminate failed: %s kind=%s %s", inst.id, error.kind, error.message)
+            log.warning(
+                "autoscaler.terminate_failed",
+                instance=inst.id,
+                error_kind=error.kind.value,
+                message=error.message,
+            )
             return
         self.draining[inst.id] = InstanceState.TERMINATING
         report.terminated.append(inst.id)
         log.info(
-            "terminated %s (pool %s, $%.4g/h): %s",
-            inst.id,
-            inst.pool,
-            inst.usd_per_hour,
-            term.reason,
+            "autoscaler.terminated",
+            instance=inst.id,
+            pool=inst.pool,
+            usd_per_hour=inst.usd_per_hour,
+            reason=term.reason,
         )

@@ -1,0 +1,1 @@
+"""Observability: Prometheus alert rules, the Grafana dashboard's companions and the Flower launcher."""
