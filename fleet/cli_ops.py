@@ -139,7 +139,14 @@ def plan_cmd(
 @click.option("--config", "config_path", required=True, help="Autoscaler TOML.")
 @click.option("--once", is_flag=True, help="One pass, then exit.")
 @click.option("--dry-run", is_flag=True, help="Plan and print, change nothing (no lease taken).")
-def autoscale(config_path: str, once: bool, dry_run: bool) -> None:
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Serve Prometheus metrics on 127.0.0.1:PORT (0: off).",
+)
+def autoscale(config_path: str, once: bool, dry_run: bool, metrics_port: int) -> None:
     """Run the autoscaler: observe queues, plan, launch and drain capacity."""
     from fleet.obs.logs import configure_logging  # noqa: PLC0415
 
@@ -154,10 +161,21 @@ def autoscale(config_path: str, once: bool, dry_run: bool) -> None:
         f"autoscaler on {masked(scaler.settings.broker_url)}, pools: {', '.join(p.name for p in scaler.config.pools)}"
     )
 
+    metrics: Any = None
+    if metrics_port:
+        from fleet.obs.metrics import FleetMetrics  # noqa: PLC0415
+
+        metrics = FleetMetrics()
+        metrics.serve(metrics_port)
+        console.print(f"metrics on http://127.0.0.1:{metrics_port}/metrics")
+    provider_of = {p.name: p.provider for p in scaler.config.pools}
+
     def show(report: Any) -> None:  # noqa: ANN401 - StepReport
         if not report.active:
             console.print("standby: another autoscaler holds the lease")
             return
+        if metrics is not None:
+            record_step(metrics, report, provider_of)
         if report.plan.launches or report.plan.terminations or once or dry_run:
             print_plan(report.plan, report.skipped_pools)
 
@@ -168,6 +186,41 @@ def autoscale(config_path: str, once: bool, dry_run: bool) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         scaler.run(stop, show)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def record_step(metrics: Any, report: Any, provider_of: dict[str, str]) -> None:  # noqa: ANN401 - FleetMetrics, StepReport
+    """Feed one autoscaler pass into the metrics: queues, instances, spend, decisions, errors."""
+    from fleet.stats import QueueStats  # noqa: PLC0415
+
+    snap = report.snapshot
+    metrics.observe_queues(
+        {n: QueueStats(n, q.ready, q.unacked, q.consumers) for n, q in snap.queues.items()}
+    )
+    metrics.observe_plan(report.plan, snap.instances)
+    for error in report.acted.failed if report.acted else ():
+        metrics.record_provider_error(error, provider_of.get(error.pool, "unknown"))
+
+
+@main.command()
+@click.option("--port", type=int, default=9808, show_default=True)
+@click.option("--addr", default="127.0.0.1", show_default=True)
+@click.option("--interval", type=float, default=5.0, show_default=True)
+def exporter(port: int, addr: str, interval: float) -> None:
+    """Serve fleet_* metrics (queue depths, workers) for FLEET_BROKER_URL without an autoscaler."""
+    from fleet.catalog import default_catalog  # noqa: PLC0415
+    from fleet.obs.exporter import run_exporter  # noqa: PLC0415
+    from fleet.obs.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console.print(
+        f"exporter on http://{addr}:{port}/metrics for {masked(Settings.from_env().broker_url)}"
+    )
+    try:
+        run_exporter(Settings.from_env(), default_catalog(), port, addr, interval, stop)
     except KeyboardInterrupt:
         stop.set()
 

@@ -262,3 +262,66 @@ def test_orphans_and_unknown_pools_are_cleaned_up(env: Any) -> None:
         )
     finally:
         provider.terminate_all(time.time())
+
+
+def test_autoscaler_metrics_endpoint_reports_instances_spend_and_decisions(
+    env: Any, tmp_path: Path
+) -> None:
+    """`fleet autoscale --metrics-port` serves fleet_* series that follow a real scale-up."""
+    import socket  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    config, settings, values = env
+    path = _write(config, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "autoscale", "--config", str(path), "--metrics-port", str(port)],
+        env={**os.environ, **values}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        with Fleet(settings) as fleet:
+            fleet.submit_many([L4_TASK] * 4)
+        deadline = time.monotonic() + 60
+        samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        while time.monotonic() < deadline:
+            try:
+                text = (
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+                    .read()
+                    .decode()
+                )
+            except OSError:
+                time.sleep(0.5)
+                continue
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+            }
+            launches = sum(
+                v
+                for (n, labels), v in samples.items()
+                if n == "fleet_autoscaler_decisions_total" and ("action", "launch") in labels
+            )
+            if launches >= 1 and any(n == "fleet_instances" for n, _ in samples):
+                break
+            time.sleep(0.5)
+        assert launches >= 1
+        names = {n for n, _ in samples}
+        assert {"fleet_queue_depth", "fleet_instances", "fleet_spend_usd_per_hour"} <= names
+        spend = sum(
+            v
+            for (n, labels), v in samples.items()
+            if n == "fleet_spend_usd_per_hour" and ("pool", "local-l4") in labels
+        )
+        assert spend > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        from fleet.providers.local import LocalProvider  # noqa: PLC0415
+
+        LocalProvider({}, Path(config.fleet.local_state_dir)).terminate_all(time.time())
