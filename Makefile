@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 CONFIG ?= infra/fleet.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format typecheck test test-unit test-integration check demo bench worker status catalog route autoscale plan scale drain simulate trace config-check clean
+.PHONY: help install lint format typecheck test test-unit test-integration check demo bench worker status catalog route autoscale plan scale drain simulate trace flower exporter config-check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -77,6 +77,12 @@ simulate: $(STAMP) ## Replay a trace: make simulate TRACE=t.jsonl [POLICY=fleet|
 
 trace: $(STAMP) ## Generate a trace: make trace KIND=multi-agent N=2000 OUT=t.jsonl [SEED=1]
 	$(BIN)/python -m fleet.sim.generators $(KIND) --n $(N) --seed $(or $(SEED),1) --out $(OUT)
+
+flower: $(STAMP) ## Flower on FLEET_BROKER_URL at http://127.0.0.1:5555; ADDRESS=0.0.0.0 needs FLOWER_BASIC_AUTH=user:pass
+	$(BIN)/python -m fleet.obs.flower --address $(or $(ADDRESS),127.0.0.1) --port $(or $(PORT),5555)
+
+exporter: $(STAMP) ## Prometheus metrics for FLEET_BROKER_URL on http://127.0.0.1:9808/metrics
+	$(BIN)/fleet exporter
 
 config-check: $(STAMP) ## Validate CONFIG
 	$(BIN)/fleet config check $(CONFIG)
