@@ -359,6 +359,9 @@ def status(as_json: bool, all_queues: bool) -> None:
     "--hostname", default=None, help="Celery node name (default: <accelerator>-<id>@<host>)."
 )
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT."
+)
 def worker(
     accelerator: str,
     devices: int | None,
@@ -366,6 +369,7 @@ def worker(
     pool: str,
     hostname: str | None,
     loglevel: str,
+    metrics_port: int | None,
 ) -> None:
     """Run a Celery worker on exactly the queues this machine's chip can serve."""
     from workers.main import start  # noqa: PLC0415
@@ -380,7 +384,7 @@ def worker(
             + (f"; did you mean {', '.join(close)}?" if close else "")
         )
         sys.exit(EXIT_INPUT)
-    start(accelerator, devices, concurrency, pool, hostname, loglevel)
+    start(accelerator, devices, concurrency, pool, hostname, loglevel, metrics_port)
 
 
 @main.command()

@@ -49,6 +49,7 @@ def spawn_worker(
     loglevel: str = "INFO",
     node: str | None = None,
     new_session: bool = False,
+    metrics_port: int | None = None,
 ) -> LocalWorker:
     """Start one worker process (returns at once; see ``wait_ready``).
 
@@ -62,6 +63,8 @@ def spawn_worker(
         "--accelerator", accelerator, "--devices", str(devices), "--concurrency", str(concurrency),
         "--pool", pool, "--hostname", node, "--loglevel", loglevel,
     ]  # fmt: skip
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
     with log_path.open("wb") as log:
         # Our own CLI with a fixed argv: nothing untrusted reaches the command line.
         child_env = {**os.environ, **env}

@@ -69,6 +69,7 @@ def start(
     pool: str = "prefork",
     hostname: str | None = None,
     loglevel: str = "INFO",
+    metrics_port: int | None = None,
 ) -> None:
     """Run the worker in this process until it is stopped (SIGTERM: warm shutdown)."""
     settings = Settings.from_env()
@@ -91,6 +92,16 @@ def start(
         queues=list(me.queues),
     )
     _register_heartbeat(settings, me, node)
+    if metrics_port:
+        from workers import metrics  # noqa: PLC0415
+
+        metrics.enable(metrics_port)  # before any metric exists, and before the pool forks
+
+        @signals.worker_ready.connect(weak=False)
+        def _serve_metrics(**_: Any) -> None:  # noqa: ANN401 - Celery signal arguments
+            metrics.serve(metrics_port, me.queues, settings.broker_url, settings.namespace)
+            log.info("worker.metrics", url=f"http://127.0.0.1:{metrics_port}/metrics")
+
     from fleet.app import app  # noqa: PLC0415 - after the identity is in the environment
 
     app.worker_main(

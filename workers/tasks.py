@@ -26,6 +26,7 @@ from fleet.obs.logs import get_logger
 from fleet.settings import Settings
 from fleet.spec import SpecError, parse_spec
 from workers import identity
+from workers import metrics as worker_metrics
 from workers.devices import DeviceLeases
 from workers.handlers import HandlerContext, HandlerError, run_handler
 
@@ -108,6 +109,13 @@ def run(
             raise TaskRefusedError(f"bad input: {exc}") from None
     run_s = time.perf_counter() - t0
     delivery = self.request.delivery_info or {}
+    worker_metrics.record_task(
+        me.accelerator,
+        task.kind.value,
+        "success",
+        run_s,
+        (placement or {}).get("estimated_cost_usd"),
+    )
     log.info(
         "task.finished",
         queue=delivery.get("routing_key"),
