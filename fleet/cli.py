@@ -153,6 +153,29 @@ def route(
         _print_placement(p)
 
 
+SUBMIT_CHUNK = 1000
+
+
+def _submit_with_progress(fleet: Any, specs: list[TaskSpec], policy: Policy) -> list[Any]:  # noqa: ANN401 - Fleet and its handles
+    """Place every spec first (nothing is sent if one cannot run), then publish in chunks with a progress bar."""
+    from rich.progress import Progress  # noqa: PLC0415
+
+    for i, spec in enumerate(specs):
+        try:
+            fleet.route(spec, policy)
+        except NoPlacementError as exc:
+            exc.args = (f"[{i}] {exc}",)
+            raise
+    handles: list[Any] = []
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task(f"submitting {len(specs):,} tasks", total=len(specs))
+        for start in range(0, len(specs), SUBMIT_CHUNK):
+            chunk = specs[start : start + SUBMIT_CHUNK]
+            handles += fleet.submit_many(chunk, policy=policy)
+            bar.advance(task, len(chunk))
+    return handles
+
+
 @main.command()
 @click.argument("spec_file")
 @click.option("--json", "as_json", is_flag=True, help="Print task ids and placements as JSON.")
@@ -179,7 +202,7 @@ def submit(spec_file: str, as_json: bool, policy: str, wait_s: float | None) -> 
     with Fleet(settings) as fleet:
         try:
             handles = (
-                fleet.submit_many(specs, policy=Policy(policy))
+                _submit_with_progress(fleet, specs, Policy(policy))
                 if len(specs) > 1
                 else [fleet.submit(specs[0], policy=Policy(policy))]
             )

@@ -283,18 +283,23 @@ def scale(pool: str, count: int, config_path: str) -> None:
 
 
 def _finish_drains(scaler: Any, plan: Plan, timeout_s: float = 600.0) -> None:  # noqa: ANN401 - Autoscaler
-    """Re-observe and progress drains until every planned termination is done."""
+    """Re-observe and progress drains until every planned termination is done (with a progress bar)."""
+    from rich.progress import Progress  # noqa: PLC0415
+
     waiting = {t.instance_id for t in plan.terminations}
+    total = len(waiting)
     deadline = time.monotonic() + timeout_s
-    while waiting and time.monotonic() < deadline:
-        report = scaler.step(dry_run=True)
-        acted = scaler.actuator.act(
-            Plan(report.snapshot.taken_at, ()), report.snapshot, time.time()
-        )
-        waiting = (waiting & {i.id for i in report.snapshot.instances}) - set(acted.terminated)
-        if waiting:
-            console.print(f"draining: waiting for {len(waiting)} instance(s) to finish their tasks")
-            time.sleep(2)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("draining: running tasks finish first", total=total)
+        while waiting and time.monotonic() < deadline:
+            report = scaler.step(dry_run=True)
+            acted = scaler.actuator.act(
+                Plan(report.snapshot.taken_at, ()), report.snapshot, time.time()
+            )
+            waiting = (waiting & {i.id for i in report.snapshot.instances}) - set(acted.terminated)
+            bar.update(task, completed=total - len(waiting))
+            if waiting:
+                time.sleep(2)
 
 
 @main.command()

@@ -103,3 +103,31 @@ def test_demo_runs_end_to_end_on_its_own_redis() -> None:
     assert "-> 0 instances" in out.stdout
     assert "30/30 tasks done" in out.stdout
     assert "scaled back to 0 by the autoscaler" in out.stdout
+
+
+def test_cli_bulk_submit_is_all_or_nothing(broker: Broker, tmp_path: Path) -> None:
+    """A JSON-lines file is submitted in one go; one unplaceable line sends nothing at all."""
+    good = {
+        "kind": "inference",
+        "model": {"name": "m", "params_b": 8},
+        "tokens_out": 4,
+        "requirements": {"accelerators": ["nvidia-l4"]},
+    }
+    bad = {"kind": "inference", "model": {"name": "huge", "params_b": 3000}, "tokens_out": 4}
+    ok_file = tmp_path / "ok.jsonl"
+    ok_file.write_text("\n".join(json.dumps(good) for _ in range(3)) + "\n")
+    out = fleet_cli(broker.env, "submit", str(ok_file), "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert len(rows) == 3
+    queue = rows[0]["queue"]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    refused = fleet_cli(broker.env, "submit", str(mixed))
+    assert refused.returncode == 2
+    from tests.integration.test_end_to_end import purge, queue_depths  # noqa: PLC0415
+
+    try:
+        assert queue_depths(broker, [queue])[queue] == 3  # only the first file's tasks
+    finally:
+        purge(broker, [queue])
