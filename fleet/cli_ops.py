@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,7 @@ def autoscale(config_path: str, once: bool, dry_run: bool, metrics_port: int) ->
         stop.set()
 
 
-def record_step(metrics: Any, report: Any, provider_of: dict[str, str]) -> None:  # noqa: ANN401 - FleetMetrics, StepReport
+def record_step(metrics: Any, report: Any, provider_of: Mapping[str, str]) -> None:  # noqa: ANN401 - FleetMetrics, StepReport
     """Feed one autoscaler pass into the metrics: queues, instances, spend, decisions, errors."""
     from fleet.stats import QueueStats  # noqa: PLC0415
 

@@ -222,6 +222,8 @@ def autoscale_phase(settings: Settings, state_dir: Path) -> None:
     """Show the autoscaler scaling local emulated pools from zero and back to zero."""
     from fleet.autoscaler.config import load_config  # noqa: PLC0415 - demo-only imports
     from fleet.autoscaler.loop import build_autoscaler  # noqa: PLC0415
+    from fleet.cli_ops import record_step  # noqa: PLC0415
+    from fleet.obs.metrics import FleetMetrics  # noqa: PLC0415
 
     base = load_config(CONFIG, env={})
     fleet_cfg = base.fleet.model_copy(
@@ -234,6 +236,14 @@ def autoscale_phase(settings: Settings, state_dir: Path) -> None:
     config = base.model_copy(update={"fleet": fleet_cfg})
     with Fleet(settings) as fleet:
         scaler = build_autoscaler(config, settings, locked=True)
+        metrics = FleetMetrics()
+        server, _thread = metrics.serve(0)
+        port = server.server_port
+        console.print(
+            f"metrics while it runs: http://127.0.0.1:{port}/metrics\n"
+            f"Flower on this broker: FLEET_BROKER_URL={masked(settings.broker_url)} make flower"
+        )
+        provider_of = {p.name: p.provider for p in scaler.config.pools}
         console.print(
             f"\n[bold]autoscaling[/] with {CONFIG.name}: local pools {', '.join(p.name for p in scaler.config.pools)} "
             f"(cloud pools skipped here: {', '.join(scaler.skipped)})"
@@ -265,6 +275,8 @@ def autoscale_phase(settings: Settings, state_dir: Path) -> None:
         try:
             while time.monotonic() - started < AUTOSCALE_TIMEOUT_S:
                 report = scaler.step()
+                if report.active:
+                    record_step(metrics, report, provider_of)
                 for d in report.plan.decisions if report.plan else ():
                     peak[d.pool] = max(peak.get(d.pool, 0), d.current + len(d.launches))
                     if d.launches or d.terminations:
@@ -278,6 +290,8 @@ def autoscale_phase(settings: Settings, state_dir: Path) -> None:
                     break
                 time.sleep(1.0)
         finally:
+            server.shutdown()
+            server.server_close()
             provider.terminate_all(time.time())  # type: ignore[attr-defined]
             if scaler.lease is not None:
                 scaler.lease.release()

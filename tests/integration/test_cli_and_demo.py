@@ -103,6 +103,8 @@ def test_demo_runs_end_to_end_on_its_own_redis() -> None:
     assert "-> 0 instances" in out.stdout
     assert "30/30 tasks done" in out.stdout
     assert "scaled back to 0 by the autoscaler" in out.stdout
+    assert "metrics while it runs: http://127.0.0.1:" in out.stdout
+    assert "make flower" in out.stdout
 
 
 def test_cli_bulk_submit_is_all_or_nothing(broker: Broker, tmp_path: Path) -> None:
