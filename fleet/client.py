@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -148,6 +149,7 @@ class Fleet:
     def _kwargs(placement: Placement) -> dict[str, Any]:
         return {
             "placement": {
+                "submitted_at": time.time(),  # queue age in status and metrics, task wait time
                 "accelerator": placement.accelerator,
                 "devices": placement.devices,
                 "queue": placement.queue,

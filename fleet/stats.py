@@ -9,6 +9,7 @@ messages and consumers. ``StatsCache`` refreshes one of them in a background thr
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -172,3 +173,30 @@ class StatsCache:
     def close(self) -> None:
         """Stop the thread."""
         self._stop.set()
+
+
+def _submitted_at(raw: bytes | str) -> float | None:
+    """The ``submitted_at`` fleet puts in each message's placement, or None."""
+    try:
+        envelope = json.loads(raw)
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        value = json.loads(body)[1]["placement"]["submitted_at"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def oldest_age_s(client: redis.Redis, queue: str, now: float) -> float | None:
+    """Age of the oldest message waiting on a Redis queue (any priority band), or None."""
+    oldest: float | None = None
+    for step in REDIS_PRIORITY_STEPS:
+        key = queue if step == 0 else f"{queue}{REDIS_PRIORITY_SEP}{step}"
+        raw = client.lindex(key, -1)  # LPUSH/BRPOP: the oldest is at the right end
+        if raw is None:
+            continue
+        at = _submitted_at(raw)
+        if at is not None and (oldest is None or at < oldest):
+            oldest = at
+    return None if oldest is None else max(0.0, now - oldest)

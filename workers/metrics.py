@@ -6,7 +6,7 @@ private to the worker, set before any metric exists): each child writes its coun
 histograms to files there, and the main process serves them all, summed, on
 ``127.0.0.1:P``. Series (names shared with ``fleet.obs.metrics``):
 ``fleet_tasks_total{accelerator,kind,outcome}``, ``fleet_task_duration_seconds``,
-``fleet_task_cost_usd`` and, refreshed by the main process, ``fleet_queue_depth{queue,state}``
+``fleet_task_cost_usd``, ``fleet_task_wait_seconds`` and, refreshed by the main process, ``fleet_queue_depth{queue,state}``
 for the queues this worker consumes.
 """
 
@@ -48,17 +48,26 @@ def _metrics() -> Any:  # noqa: ANN401 - prometheus-client metric objects
                       buckets=(0.01, 0.1, 0.5, 1, 5, 30, 120, 600, 3600, 6 * 3600, 24 * 3600)),
             Histogram("fleet_task_cost_usd", "Estimated cost per task.", ["accelerator", "kind"], registry=scratch,
                       buckets=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100)),
+            Histogram("fleet_task_wait_seconds", "Time from submit to start.", ["accelerator", "kind"], registry=scratch,
+                      buckets=(0.01, 0.1, 0.5, 1, 5, 30, 120, 600, 3600)),
         )  # fmt: skip
     return _task_metrics
 
 
 def record_task(
-    accelerator: str, kind: str, outcome: str, run_s: float | None, cost_usd: float | None
+    accelerator: str,
+    kind: str,
+    outcome: str,
+    run_s: float | None,
+    cost_usd: float | None,
+    wait_s: float | None = None,
 ) -> None:
     """Count one task (called in the pool process that ran it)."""
     if not enabled():
         return
-    tasks, duration, cost = _metrics()
+    tasks, duration, cost, wait = _metrics()
+    if wait_s is not None and wait_s >= 0:
+        wait.labels(accelerator, kind).observe(wait_s)
     tasks.labels(accelerator, kind, outcome).inc()
     if run_s is not None and run_s >= 0:
         duration.labels(accelerator, kind).observe(run_s)

@@ -109,12 +109,15 @@ def run(
             raise TaskRefusedError(f"bad input: {exc}") from None
     run_s = time.perf_counter() - t0
     delivery = self.request.delivery_info or {}
+    submitted = (placement or {}).get("submitted_at")
+    wait_s = started - submitted if isinstance(submitted, (int, float)) else None
     worker_metrics.record_task(
         me.accelerator,
         task.kind.value,
         "success",
         run_s,
         (placement or {}).get("estimated_cost_usd"),
+        wait_s,
     )
     log.info(
         "task.finished",
@@ -135,6 +138,7 @@ def run(
         "devices": list(leased),
         "started_at": started,
         "run_s": run_s,
+        "wait_s": wait_s,
         "estimated_cost_usd": (placement or {}).get("estimated_cost_usd"),
     }
 
