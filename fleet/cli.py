@@ -316,47 +316,87 @@ def catalog(ctx: click.Context, as_json: bool, catalog_dir: str | None) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--all", "all_queues", is_flag=True, help="Show empty queues too.")
-def status(as_json: bool, all_queues: bool) -> None:
-    """Queue depths (ready, unacked, by priority) and live workers with their accelerator."""
+@click.option(
+    "--config", "config_path", help="Autoscaler TOML: also show pools (instances, desired, $/h)."
+)
+@click.option(
+    "--watch", "watch_s", type=float, default=None, help="Refresh every SECONDS, with drain rates."
+)
+def status(as_json: bool, all_queues: bool, config_path: str | None, watch_s: float | None) -> None:
+    """Queues (depth, rate, oldest age), pools, workers (accelerator, emulated, active tasks), dead letters."""
+    import time  # noqa: PLC0415
+
     from kombu.exceptions import OperationalError  # noqa: PLC0415
     from redis import RedisError  # noqa: PLC0415
 
     from fleet.app import create_app  # noqa: PLC0415
+    from fleet.autoscaler.config import ConfigError, load_config  # noqa: PLC0415
     from fleet.status import collect  # noqa: PLC0415
 
     settings = Settings.from_env()
     try:
-        report = collect(settings, default_catalog(), create_app(settings), all_queues=all_queues)
-    except (OperationalError, RedisError, OSError) as exc:
-        err.print(
-            f"[red]cannot reach the broker at {masked(settings.broker_url)}:[/] {type(exc).__name__}"
-        )
-        sys.exit(1)
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-        return
+        config = load_config(config_path) if config_path else None
+    except ConfigError as exc:
+        err.print(f"[red]invalid config:[/] {exc}")
+        sys.exit(EXIT_INPUT)
+    app = create_app(settings)
+    previous: Any = None
+    while True:
+        try:
+            report = collect(settings, default_catalog(), app, all_queues=all_queues, config=config)
+        except (OperationalError, RedisError, OSError) as exc:
+            err.print(
+                f"[red]cannot reach the broker at {masked(settings.broker_url)}:[/] {type(exc).__name__}"
+            )
+            sys.exit(1)
+        if as_json:
+            click.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            _print_status(report, previous)
+        if watch_s is None:
+            return
+        previous = report
+        try:
+            time.sleep(watch_s)
+        except KeyboardInterrupt:
+            return
+
+
+def _print_status(report: Any, previous: Any) -> None:  # noqa: ANN401 - StatusReport
+    """The readable tables; with a previous report, each queue's drain rate (messages/s)."""
+    before = {q.name: q.ready + q.unacked for q in previous.queues} if previous is not None else {}
+    elapsed = report.taken_at - previous.taken_at if previous is not None else 0.0
     qt = Table(
-        "queue", "ready", "unacked", "consumers", "by priority", title=f"queues on {report.broker}"
+        "queue",
+        "ready",
+        "unacked",
+        "consumers",
+        "rate/s",
+        "oldest age",
+        "by priority",
+        title=f"queues on {report.broker}",
     )
     for q in report.queues:
-        qt.add_row(
-            q.name,
-            str(q.ready),
-            str(q.unacked),
-            str(q.consumers),
-            " ".join(f"p{k}:{v}" for k, v in sorted(q.by_priority.items())),
+        rate = (
+            f"{(before.get(q.name, 0) - q.ready - q.unacked) / elapsed:+.2f}" if elapsed > 0 else ""
         )
+        age = report.oldest_age_s.get(q.name)
+        qt.add_row(q.name, str(q.ready), str(q.unacked), str(q.consumers), rate, "" if age is None else f"{age:,.1f} s",
+                   " ".join(f"p{k}:{v}" for k, v in sorted(q.by_priority.items())))  # fmt: skip
     console.print(qt)
-    wt = Table("worker", "accelerator", "devices", "kind", "queues", title="workers")
+    if report.pools:
+        pt = Table("pool", "instances", "desired", "$/h", title="pools")
+        for p in report.pools:
+            pt.add_row(p.pool, str(p.instances), str(p.desired), f"{p.usd_per_hour:.4g}")
+        console.print(pt)
+    wt = Table(
+        "worker", "accelerator", "devices", "kind", "queues", "active tasks", title="workers"
+    )
     for w in report.workers:
-        wt.add_row(
-            w.hostname,
-            w.accelerator,
-            str(w.devices),
-            "emulated" if w.emulated else "real",
-            str(w.queues),
-        )
+        wt.add_row(w.hostname, w.accelerator, str(w.devices), "emulated" if w.emulated else "real", str(w.queues),
+                   "" if w.active is None else str(w.active))  # fmt: skip
     console.print(wt)
+    console.print(f"dead letters: {report.dead_letters}")
 
 
 @main.command()

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
 from celery import Celery
 
+from fleet.autoscaler.config import AutoscalerConfig
 from fleet.catalog import Catalog
 from fleet.queues import all_queue_names
 from fleet.registry import live_workers
 from fleet.settings import Settings, masked
-from fleet.stats import AmqpStats, QueueStats, RedisStats
+from fleet.stats import AmqpStats, QueueStats, RedisStats, oldest_age_s
 
 INSPECT_TIMEOUT_S = 1.5
+
+
+def _active_counts(app: Celery, nodes: list[str]) -> dict[str, int]:
+    """Tasks running on each node (Celery remote control; nodes that do not answer are left out)."""
+    if not nodes:
+        return {}
+    answer = app.control.inspect(destination=nodes, timeout=INSPECT_TIMEOUT_S).active() or {}
+    return {node: len(tasks or ()) for node, tasks in answer.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,27 +40,52 @@ class WorkerRow:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolRow:
+    """One autoscaler pool (with ``--config``): instances now, desired, spend."""
+
+    pool: str
+    instances: int
+    desired: int
+    usd_per_hour: float
+
+
+@dataclass(frozen=True, slots=True)
 class StatusReport:
-    """Queues with anything in them (or consumers), and live workers."""
+    """Queues with anything in them (or consumers), live workers, pools and dead letters."""
 
     broker: str
     queues: tuple[QueueStats, ...]
     workers: tuple[WorkerRow, ...]
+    oldest_age_s: dict[str, float] = field(default_factory=dict)
+    pools: tuple[PoolRow, ...] = ()
+    dead_letters: int = 0
+    taken_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
             "broker": self.broker,
             "queues": [
-                {**asdict(q), "by_priority": {str(k): v for k, v in q.by_priority.items()}}
+                {
+                    **asdict(q),
+                    "by_priority": {str(k): v for k, v in q.by_priority.items()},
+                    "oldest_age_s": self.oldest_age_s.get(q.name),
+                }
                 for q in self.queues
             ],
             "workers": [asdict(w) for w in self.workers],
+            "pools": [asdict(p) for p in self.pools],
+            "dead_letters": self.dead_letters,
         }
 
 
 def collect(
-    settings: Settings, catalog: Catalog, app: Celery, *, all_queues: bool = False
+    settings: Settings,
+    catalog: Catalog,
+    app: Celery,
+    *,
+    all_queues: bool = False,
+    config: AutoscalerConfig | None = None,
 ) -> StatusReport:
     """Read queue statistics and workers from the broker.
 
@@ -63,9 +98,18 @@ def collect(
     if settings.is_redis:
         client = redis.Redis.from_url(settings.broker_url)
         stats = RedisStats(client, settings.namespace).read(names)
+        registered = live_workers(client, settings.namespace)
+        active = _active_counts(app, [w.hostname for w in registered])
         workers = [
-            WorkerRow(w.hostname, w.accelerator, w.devices, w.emulated, len(w.queues))
-            for w in live_workers(client, settings.namespace)
+            WorkerRow(
+                w.hostname,
+                w.accelerator,
+                w.devices,
+                w.emulated,
+                len(w.queues),
+                active.get(w.hostname),
+            )
+            for w in registered
         ]
     else:
         stats = AmqpStats(settings.broker_url).read(names)
@@ -85,4 +129,38 @@ def collect(
             for host, r in sorted(replies.items())
         ]
     shown = tuple(s for s in stats.values() if all_queues or s.ready or s.unacked or s.consumers)
-    return StatusReport(masked(settings.broker_url), shown, tuple(workers))
+    now = time.time()
+    ages: dict[str, float] = {}
+    dead = 0
+    if settings.is_redis:
+        client = redis.Redis.from_url(settings.broker_url)
+        for s in shown:
+            if s.ready and (age := oldest_age_s(client, s.name, now)) is not None:
+                ages[s.name] = age
+        dead = (
+            RedisStats(client, settings.namespace)
+            .read([dead_letter_queue(settings.namespace)])[dead_letter_queue(settings.namespace)]
+            .ready
+        )
+    return StatusReport(
+        masked(settings.broker_url), shown, tuple(workers), ages, pools_now(config), dead, now
+    )
+
+
+def dead_letter_queue(namespace: str = "") -> str:
+    """The queue poison tasks go to (filled by the fault-handling work; read here already)."""
+    return f"{namespace}fleet.dead-letter"
+
+
+def pools_now(config: AutoscalerConfig | None) -> tuple[PoolRow, ...]:
+    """Each pool's instances, desired count and $/h after the plan the autoscaler would make now."""
+    if config is None:
+        return ()
+    from fleet.autoscaler.loop import build_autoscaler  # noqa: PLC0415 - only with --config
+
+    report = build_autoscaler(config, Settings.from_env(), locked=False).step(dry_run=True)
+    if report.plan is None:
+        return ()
+    return tuple(
+        PoolRow(d.pool, d.current, d.desired, d.usd_per_hour_after) for d in report.plan.decisions
+    )

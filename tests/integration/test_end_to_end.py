@@ -213,5 +213,9 @@ def test_status_shows_queues_and_emulated_workers(broker: Broker, fleet: Fleet, 
         workers = {w.hostname: w for w in report.workers}
         assert workers[node].accelerator == "nvidia-l4"
         assert workers[node].emulated is True
+        assert workers[node].active == 0
+        assert report.dead_letters == 0
+        if broker.settings.is_redis:  # RabbitMQ cannot peek at a queue's oldest message
+            assert report.oldest_age_s[held.placement.queue] >= 1.0
     finally:
         purge(broker, [held.placement.queue])
