@@ -60,6 +60,11 @@ class RedisStats:
         self._client = client
         self._namespace = namespace
 
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis connection (for peeks such as ``oldest_age_s``)."""
+        return self._client
+
     def read(self, queues: Sequence[str]) -> dict[str, QueueStats]:
         """One pipelined round trip for depths, one for unacked, one scan for workers."""
         pipe = self._client.pipeline(transaction=False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import redis
@@ -27,7 +28,7 @@ from fleet.obs.metrics import UNPOOLED, FleetMetrics
 from fleet.queues import all_queue_names
 from fleet.registry import WorkerInfo, live_workers
 from fleet.settings import Settings
-from fleet.stats import AmqpStats, RedisStats, StatsSource
+from fleet.stats import AmqpStats, RedisStats, StatsSource, oldest_age_s
 
 __all__ = ["refresh", "run_exporter", "sources_for"]
 
@@ -57,7 +58,13 @@ def refresh(
     """
     stats = source.read(names)
     workers = list(workers_source()) if workers_source is not None else None
-    metrics.observe_queues(stats)
+    ages: dict[str, float] = {}
+    if isinstance(source, RedisStats):  # RabbitMQ cannot peek without consuming
+        now = time.time()
+        for name, s in stats.items():
+            if s.ready and (age := oldest_age_s(source.client, name, now)) is not None:
+                ages[name] = age
+    metrics.observe_queues(stats, ages)
     if workers is not None:
         metrics.observe_workers(workers, pool_of)
 

@@ -64,6 +64,7 @@ def test_exporter_serves_queue_depth_from_redis(tmp_path):
                 body = scrape(port)
             assert WANT in body
             assert 'fleet_queue_depth{queue="inference.nvidia-l4",state="unacked"} 0.0' in body
+            assert 'fleet_queue_oldest_age_seconds{queue="inference.nvidia-l4"}' in body
         finally:
             stop.set()
             thread.join(timeout=10)
