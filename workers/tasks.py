@@ -48,6 +48,19 @@ def _unbind_task(**_: Any) -> None:  # noqa: ANN401 - Celery signal arguments
     structlog.contextvars.clear_contextvars()
 
 
+@signals.task_failure.connect(weak=False)
+def _log_failure(exception: BaseException | None = None, **_: Any) -> None:  # noqa: ANN401 - Celery signal arguments
+    """One structured event per failed task (the task id is still bound here)."""
+    me = identity.current()
+    log.error(
+        "task.failed",
+        accelerator=me.accelerator,
+        error=type(exception).__name__,
+        detail=str(exception)[:300],
+    )
+    worker_metrics.record_task(me.accelerator, "unknown", "failure", None, None)
+
+
 class TaskRefusedError(Exception):
     """The worker will not run the message (invalid spec, or more than it can hold)."""
 
@@ -94,6 +107,14 @@ def run(
         )
     settings = _settings()
     started = time.time()
+    log.info(
+        "task.started",
+        queue=(self.request.delivery_info or {}).get("routing_key"),
+        accelerator=me.accelerator,
+        kind=task.kind.value,
+        devices=devices,
+        estimated_cost_usd=(placement or {}).get("estimated_cost_usd"),
+    )
     t0 = time.perf_counter()
     with _device_leases(me.devices).lease(devices) as leased:
         ctx = HandlerContext(

@@ -37,6 +37,13 @@ def test_worker_logs_are_structured_and_carry_the_task_id(tmp_path: Path) -> Non
             with Fleet(settings) as fleet, capture_logs() as submitted:
                 handle = fleet.submit(SPEC)
                 handle.get(timeout=60)
+                bad = fleet.app.send_task(
+                    "fleet.run",
+                    args=({"kind": "inference", "model": {}},),
+                    queue="embedding.nvidia-l4",
+                )
+                with pytest.raises(Exception, match=r"invalid spec"):
+                    bad.get(timeout=60)
         finally:
             stop_workers([worker])
             logging.getLogger("fleet.client").setLevel(logging.NOTSET)
@@ -44,10 +51,16 @@ def test_worker_logs_are_structured_and_carry_the_task_id(tmp_path: Path) -> Non
     start = next(e for e in lines if e.get("event") == "worker.starting")
     assert start["emulated"] is True
     assert start["accelerator"] == "nvidia-l4"
+    started = next(e for e in lines if e.get("event") == "task.started")
+    assert started["task_id"] == handle.id
+    assert started["accelerator"] == "nvidia-l4"
     finished = next(e for e in lines if e.get("event") == "task.finished")
     assert finished["task_id"] == handle.id
     assert finished["queue"] == "embedding.nvidia-l4"
     assert finished["accelerator"] == "nvidia-l4"
+    failed = next(e for e in lines if e.get("event") == "task.failed")
+    assert failed["task_id"] == bad.id
+    assert failed["error"] == "TaskRefusedError"
     sub = next(e for e in submitted if e["event"] == "task.submitted")
     assert sub["queue"] == "embedding.nvidia-l4"
     assert sub["reasons"]
