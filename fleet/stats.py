@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from kombu import Connection
@@ -180,16 +180,26 @@ class StatsCache:
         self._stop.set()
 
 
-def _submitted_at(raw: bytes | str) -> float | None:
-    """The ``submitted_at`` fleet puts in each message's placement, or None."""
+def decode_task(raw: bytes | str) -> tuple[list[Any], dict[str, Any]] | None:
+    """The ``(args, kwargs)`` of one kombu-on-Redis ``fleet.run`` message, or None if it is not one."""
     try:
         envelope = json.loads(raw)
         body = envelope["body"]
         if envelope.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        value = json.loads(body)[1]["placement"]["submitted_at"]
+        args, kwargs = json.loads(body)[:2]
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        return None
+    return args, kwargs
+
+
+def _submitted_at(raw: bytes | str) -> float | None:
+    """The ``submitted_at`` fleet puts in each message's placement, or None."""
+    decoded = decode_task(raw)
+    placement = decoded[1].get("placement") if decoded is not None else None
+    value = placement.get("submitted_at") if isinstance(placement, dict) else None
     return float(value) if isinstance(value, (int, float)) else None
 
 

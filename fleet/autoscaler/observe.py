@@ -10,8 +10,6 @@ history) comes in as arguments.
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -34,7 +32,7 @@ from fleet.queues import REDIS_PRIORITY_STEPS, all_queue_names, parse_queue
 from fleet.registry import live_workers
 from fleet.settings import Settings
 from fleet.spec import SpecError, parse_spec
-from fleet.stats import AmqpStats, QueueStats, RedisStats
+from fleet.stats import AmqpStats, QueueStats, RedisStats, decode_task
 from fleet.throughput import estimate
 
 SAMPLE = 20
@@ -43,15 +41,8 @@ INSPECT_TIMEOUT_S = 1.0
 
 def decode_spec(raw: bytes | str) -> dict[str, Any] | None:
     """The TaskSpec dict inside one kombu-on-Redis message, or None if it is not ours."""
-    try:
-        envelope = json.loads(raw)
-        body = envelope["body"]
-        if envelope.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        spec = args[0]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
+    decoded = decode_task(raw)
+    spec = decoded[0][0] if decoded is not None and decoded[0] else None
     return spec if isinstance(spec, dict) else None
 
 
