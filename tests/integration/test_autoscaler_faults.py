@@ -15,7 +15,7 @@ from fleet.providers.fake import FakeProvider
 from fleet.settings import Settings
 from tests.integration.brokers import redis_url
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 CONFIG = """
 [fleet]

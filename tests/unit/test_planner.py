@@ -477,6 +477,7 @@ def within(before: float, after: float, budget: float | None, launched: bool) ->
 
 
 @given(worlds())
+@pytest.mark.fault
 def test_budgets_are_never_broken(world):
     """Neither a pool's budget nor the fleet's is exceeded by a plan; over budget, nothing launches."""
     cfg, snapshot, now = world
