@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 CONFIG ?= infra/fleet.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format typecheck test test-unit test-integration check demo bench worker status catalog route autoscale plan scale drain simulate trace flower exporter config-check clean
+.PHONY: help install lint format typecheck test test-unit test-integration test-faults check demo bench worker status catalog route autoscale plan scale drain simulate trace flower exporter config-check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -39,6 +39,9 @@ test-unit: $(STAMP) ## Unit tests only (no broker needed)
 
 test-integration: $(STAMP) ## Integration tests only
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+test-faults: $(STAMP) ## The fault and security suite (pytest -m fault): prints faults injected and tasks lost
+	FLEET_FAULT_SUMMARY=bench/results/faults.json $(BIN)/pytest -m fault $(PYTEST_ARGS)
 
 check: lint typecheck test ## The gate: lint, types and tests
 
