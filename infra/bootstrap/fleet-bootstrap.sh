@@ -302,6 +302,7 @@ write_env() {
     printf "FLEET_RESULT_BACKEND='%s'\n" "$backend"
     printf "FLEET_NAMESPACE='%s'\n" "$FLEET_NAMESPACE"
     printf "FLEET_INSTANCE_ID='%s'\n" "$iid"
+    printf "FLEET_CLOUD='%s'\n" "$CLOUD" # the spot-notice watcher's metadata service
     for item in "${EXTRA_ENV[@]}"; do
       printf "%s='%s'\n" "${item%%=*}" "${item#*=}"
     done
@@ -314,7 +315,7 @@ start_worker() {
   systemctl daemon-reload
   systemctl enable "$UNIT"
   if systemctl is-active --quiet "$UNIT"; then
-    # A restart would be a warm shutdown that waits for running tasks (up to 24 h).
+    # A restart would requeue running tasks after the shutdown grace: leave it running.
     log "${UNIT} already running; new settings apply at its next start"
   else
     systemctl start "$UNIT"

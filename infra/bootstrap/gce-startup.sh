@@ -11,13 +11,16 @@ cat >/etc/systemd/system/fleet-worker.service <<'FLEET_WORKER_UNIT'
 # fleet worker: a Celery worker for this machine's accelerator.
 # Written by fleet-bootstrap (which also writes /etc/fleet/worker.env, mode 0600).
 #
-# Stopping is a warm shutdown: SIGTERM makes Celery stop taking new tasks and finish the
-# ones it is running, so the unit waits up to TimeoutStopSec for the longest task limit
-# (training: 24 h = 86400 s, fleet/app.py TIME_LIMITS) plus 300 s of margin before SIGKILL.
-# The autoscaler cancels this worker's consumers and waits for it to go idle before it
-# terminates the instance; on a spot interruption the unfinished task is redelivered (late acks).
-# KillMode=mixed sends SIGTERM to the Celery main process only (its pool children finish their
-# tasks), and SIGKILL to the whole group only if the stop times out.
+# Stopping (systemctl stop, a shutdown, a spot VM being reclaimed): SIGTERM makes the worker
+# stop taking tasks at once and give its running tasks FLEET_SHUTDOWN_GRACE_S (60 s); a task
+# that finishes in time is acked, one that does not is cancelled unacked and goes back to its
+# queue for another worker (workers/shutdown.py). The worker then exits 0. TimeoutStopSec
+# (grace + 30 s for closing the broker connection) must stay longer than the grace: SIGKILL
+# before the requeue would only leave the task to the broker's redelivery timeout.
+# A spot notice read from the metadata service (workers/preemption.py) drains the same way
+# within the notice window. The autoscaler still drains (cancel_consumer) before it terminates.
+# KillMode=mixed sends SIGTERM to the Celery main process only (it stops its pool children
+# itself), and SIGKILL to the whole group only if the stop times out.
 [Unit]
 Description=fleet worker (Celery) for this machine's accelerator
 Wants=network-online.target
@@ -30,10 +33,11 @@ Group=fleet
 EnvironmentFile=/etc/fleet/worker.env
 WorkingDirectory=/var/lib/fleet
 Environment=FLEET_ARTIFACT_DIR=/var/lib/fleet/artifacts
+Environment=FLEET_SHUTDOWN_GRACE_S=60
 ExecStart=/opt/fleet/venv/bin/fleet worker --accelerator auto
 KillSignal=SIGTERM
 KillMode=mixed
-TimeoutStopSec=86700
+TimeoutStopSec=90
 Restart=on-failure
 RestartSec=10
 LimitNOFILE=65536
@@ -347,6 +351,7 @@ write_env() {
     printf "FLEET_RESULT_BACKEND='%s'\n" "$backend"
     printf "FLEET_NAMESPACE='%s'\n" "$FLEET_NAMESPACE"
     printf "FLEET_INSTANCE_ID='%s'\n" "$iid"
+    printf "FLEET_CLOUD='%s'\n" "$CLOUD" # the spot-notice watcher's metadata service
     for item in "${EXTRA_ENV[@]}"; do
       printf "%s='%s'\n" "${item%%=*}" "${item#*=}"
     done
@@ -359,7 +364,7 @@ start_worker() {
   systemctl daemon-reload
   systemctl enable "$UNIT"
   if systemctl is-active --quiet "$UNIT"; then
-    # A restart would be a warm shutdown that waits for running tasks (up to 24 h).
+    # A restart would requeue running tasks after the shutdown grace: leave it running.
     log "${UNIT} already running; new settings apply at its next start"
   else
     systemctl start "$UNIT"

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from fleet.app import TIME_LIMITS
+from workers.shutdown import DEFAULT_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -330,7 +331,7 @@ def test_gce_startup_embeds_the_unit_and_the_script():
 
 
 def test_unit_drains_on_stop():
-    """SIGTERM (Celery warm shutdown) with a stop timeout beyond the longest task limit."""
+    """SIGTERM (bounded drain, workers/shutdown.py) with a stop timeout longer than the grace."""
     lines = dict(
         line.split("=", 1) for line in UNIT.read_text().splitlines() if re.match(r"^\w+=", line)
     )
@@ -339,7 +340,14 @@ def test_unit_drains_on_stop():
     assert lines["KillSignal"] == "SIGTERM"
     assert lines["KillMode"] == "mixed"
     assert lines["Restart"] == "on-failure"
-    assert int(lines["TimeoutStopSec"]) > max(TIME_LIMITS.values())
+    env = dict(
+        line.removeprefix("Environment=").split("=", 1)
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("Environment=")
+    )
+    grace = float(env.get("FLEET_SHUTDOWN_GRACE_S", DEFAULT_GRACE_S))
+    assert int(lines["TimeoutStopSec"]) >= grace + 30  # the requeue happens before SIGKILL
+    assert int(lines["TimeoutStopSec"]) < max(TIME_LIMITS.values())  # never waits out a task
 
 
 @pytest.mark.parametrize("path", BOOTSTRAP_FILES, ids=lambda p: p.name)
@@ -411,6 +419,7 @@ def test_bootstrap_writes_a_private_env_file(tmp_path):
         f"FLEET_RESULT_BACKEND='{SECRET}'",
         "FLEET_NAMESPACE='prod'",
         "FLEET_INSTANCE_ID='i-0abc'",
+        "FLEET_CLOUD='aws'",
         "TPU_ACCELERATOR_TYPE='v5litepod-8'",
     ]
 
