@@ -124,7 +124,9 @@ def test_flower_lists_emulated_worker_and_its_queues(redis_env, tmp_path):
         assert w.proc.returncode is not None
 
 
-def test_flower_launcher_refuses_public_address_without_auth(redis_env):
+@pytest.mark.fault
+def test_flower_launcher_refuses_public_address_without_auth(redis_env, faults):
+    faults.inject("flower without auth off loopback")
     env = {**os.environ, **redis_env}
     env.pop("FLOWER_BASIC_AUTH", None)
     result = subprocess.run(
@@ -145,3 +147,4 @@ def test_flower_launcher_refuses_public_address_without_auth(redis_env):
     )
     assert result.returncode == 2
     assert "refusing to start Flower" in result.stderr
+    faults.account(submitted=0, completed=0)

@@ -102,7 +102,9 @@ def test_bad_port_refused(port):
         flower_argv(BROKER, "127.0.0.1", port, None, NO_ENV)
 
 
-def test_main_exits_2_on_refusal_and_hides_secrets(monkeypatch, capsys):
+@pytest.mark.fault
+def test_main_exits_2_on_refusal_and_hides_secrets(monkeypatch, capsys, faults):
+    faults.inject("flower without auth off loopback")
     monkeypatch.setenv("FLEET_BROKER_URL", BROKER)
     monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
 
