@@ -3,7 +3,14 @@
 Reading never touches the network. The shipped files live in ``fleet/catalog/data``;
 a directory with the same three files (``manifest.json``, ``accelerators.json``,
 ``offers.csv``) can replace them through ``FLEET_CATALOG_DIR`` or ``load_catalog(path)``,
-which is how a refreshed price list (written by an offline fetcher) is used.
+which is how a refreshed price list (written by an offline fetcher) is used. A manifest
+may also name an ``api_offers`` file: token-priced inference APIs (``fleet.catalog.apis``),
+loaded into ``Catalog.apis``.
+
+API offers are listed and looked up wherever the catalog is, but placement routes work
+to them only when ``Catalog.route_apis`` is True: a config with ``[[api_pools]]``
+(``catalog_for_pools``) or ``FLEET_API_POOLS=1`` turns it on, so a fleet that runs no API
+worker never sends work to a queue nobody consumes.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from enum import StrEnum
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from fleet.catalog.apis import ApiOffer, load_api_offers
 
 SCHEMA_VERSION = 1
 DATA_DIR = Path(__file__).parent / "data"
@@ -98,6 +107,9 @@ class Catalog:
     offers_by_family: dict[str, tuple[Offer, ...]] = field(default_factory=dict)
     # Memo for pure functions of (catalog, spec shape), e.g. placement analysis.
     memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Token-priced API offers (fleet.catalog.apis); placement uses them iff route_apis.
+    apis: tuple[ApiOffer, ...] = ()
+    route_apis: bool = False
 
     def family(self, name: str) -> Family:
         """The family called ``name``; KeyError names the valid ones."""
@@ -186,12 +198,18 @@ def load_catalog(directory: Path | None = None) -> Catalog:
             offers = tuple(
                 _offer(row, families, i) for i, row in enumerate(csv.DictReader(fh), start=2)
             )
+        apis = (
+            load_api_offers(directory / manifest["api_offers"]) if "api_offers" in manifest else ()
+        )
     except (OSError, KeyError, ValueError, TypeError) as exc:
         if isinstance(exc, CatalogError):
             raise
         raise CatalogError(f"cannot read catalog at {directory}: {exc}") from exc
     by_family = {name: tuple(o for o in offers if o.accelerator == name) for name in families}
-    return Catalog(manifest["catalog_version"], families, offers, by_family)
+    route = os.environ.get("FLEET_API_POOLS", "").strip().lower() in {"1", "true", "yes"}
+    return Catalog(
+        manifest["catalog_version"], families, offers, by_family, apis=apis, route_apis=route
+    )
 
 
 @cache

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fleet.catalog.apis import carry_api_offers
 from fleet.providers.aws import AWS_ERRORS, describe_error, make_client
 
 SPOT_SOURCE = "AWS EC2 DescribeSpotPriceHistory"
@@ -133,6 +134,7 @@ def refresh_aws(
     shutil.copyfile(
         catalog_dir_in / manifest["accelerators"], catalog_dir_out / manifest["accelerators"]
     )
+    carry_api_offers(manifest, catalog_dir_in, catalog_dir_out)
     with (catalog_dir_out / manifest["offers"]).open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
         writer.writeheader()

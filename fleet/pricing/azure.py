@@ -34,6 +34,8 @@ from typing import Any
 
 import requests
 
+from fleet.catalog.apis import carry_api_offers
+
 RETAIL_PRICES_URL = "https://prices.azure.com/api/retail/prices"
 TIMEOUT_S = 30.0
 MAX_PAGES = 100
@@ -153,6 +155,7 @@ def refresh_azure(
     accelerators_out = catalog_dir_out / manifest["accelerators"]
     if accelerators_in.resolve() != accelerators_out.resolve():
         shutil.copyfile(accelerators_in, accelerators_out)
+    carry_api_offers(manifest, catalog_dir_in, catalog_dir_out)
     with tempfile.SpooledTemporaryFile(mode="w+", newline="") as buf:
         writer = csv.DictWriter(buf, fieldnames=fields)
         writer.writeheader()

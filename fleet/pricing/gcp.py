@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleet.catalog.apis import carry_api_offers
+
 COMPUTE_SERVICE = "services/6F81-5844-456A"
 ON_DEMAND, PREEMPTIBLE = "OnDemand", "Preemptible"
 # machine type prefix -> (GPU SKU description fragment, core/RAM SKU family fragment)
@@ -167,6 +169,7 @@ def refresh_gcp(
     shutil.copyfile(
         catalog_dir_in / manifest["accelerators"], catalog_dir_out / manifest["accelerators"]
     )
+    carry_api_offers(manifest, catalog_dir_in, catalog_dir_out)
     with (catalog_dir_out / manifest["offers"]).open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
