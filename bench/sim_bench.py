@@ -3,6 +3,11 @@
 The capacity is the cloud pools of ``infra/fleet.toml`` (its local emulated pools stand in
 for the same offers and are left out so nothing is counted twice). Seeds are fixed, so the
 table is reproducible: ``make bench`` or ``python -m bench.sim_bench``.
+
+``api_pools`` then replays the multi-agent trace with the ``fleet`` policy twice: on those
+pools alone, and with the four catalog API providers (Cerebras, Groq, SambaNova,
+Fireworks at their catalog rate limits) added as ``[[api_pools]]``, each against the
+homogeneous H100 baseline.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet.autoscaler.config import load_config
-from fleet.catalog import default_catalog
+from fleet.autoscaler.apipools import ApiPoolConfig
+from fleet.autoscaler.config import AutoscalerConfig, load_config
+from fleet.catalog import Catalog, default_catalog
 from fleet.sim.engine import POLICIES, simulate
 from fleet.sim.generators import generate
 
@@ -26,6 +32,11 @@ TRACES: tuple[tuple[str, int], ...] = (
 )
 SEED = 1
 DURATION_S = 3600.0
+API_TRACE = ("multi-agent", 2000)
+API_PROVIDERS = ("cerebras", "groq", "sambanova", "fireworks")
+SUMMARY_KEYS = ("total_cost_usd", "cost_per_1k_tasks_usd", "slo_attainment", "p50_latency_s",
+                "p95_latency_s", "completed", "rejected", "api_cost_usd", "api_calls",
+                "instances_launched", "accelerators")  # fmt: skip
 
 
 def run() -> dict[str, Any]:
@@ -61,7 +72,33 @@ def run() -> dict[str, Any]:
             "fleet_vs_homogeneous": homog["cost_per_1k_tasks_usd"] / fleet["cost_per_1k_tasks_usd"],
             "fleet_vs_lower_bound": fleet["total_cost_usd"] / bound if not math.isnan(bound) and bound > 0 else math.nan,
         })  # fmt: skip
-    return {"seed": SEED, "duration_s": DURATION_S, "rows": rows}
+    return {
+        "seed": SEED,
+        "duration_s": DURATION_S,
+        "rows": rows,
+        "api_pools": api_pool_run(config, catalog, rows),
+    }
+
+
+def api_pool_run(
+    config: AutoscalerConfig, catalog: Catalog, rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The multi-agent trace, fleet policy, without and with API pools, vs homogeneous."""
+    name, n = API_TRACE
+    trace = generate(name, n=n, seed=SEED, duration_s=DURATION_S)
+    with_apis = config.model_copy(
+        update={"api_pools": tuple(ApiPoolConfig(provider=p) for p in API_PROVIDERS)}
+    )
+    homog = next(r["policies"]["homogeneous"] for r in rows if r["trace"] == name)
+    out: dict[str, Any] = {"trace": name, "tasks": n, "providers": list(API_PROVIDERS)}
+    for label, cfg in (("without", config), ("with", with_apis)):
+        result = simulate(trace, cfg, catalog, "fleet", seed=SEED).to_dict()
+        out[label] = {k: result[k] for k in SUMMARY_KEYS}
+        out[label]["homogeneous_vs_this"] = (
+            homog["cost_per_1k_tasks_usd"] / result["cost_per_1k_tasks_usd"]
+        )
+    out["homogeneous"] = {k: homog[k] for k in SUMMARY_KEYS if k in homog}
+    return out
 
 
 def print_table(out: dict[str, Any]) -> None:
@@ -79,6 +116,18 @@ def print_table(out: dict[str, Any]) -> None:
             f"{row['trace']:18} {'lower bound':12} {row['lower_bound_usd']:>10.2f}"
             f"   homogeneous/fleet {row['fleet_vs_homogeneous']:.1f}x cheaper, fleet/lower bound {row['fleet_vs_lower_bound']:.2f}x"
         )
+    api = out.get("api_pools")
+    if api:
+        print(
+            f"\n{api['trace']} trace, fleet policy, without and with API pools ({', '.join(api['providers'])}):"
+        )
+        for label in ("without", "with"):
+            r = api[label]
+            print(
+                f"  {label:8} API pools: cost ${r['total_cost_usd']:.2f} (API ${r['api_cost_usd']:.2f}, {r['api_calls']} calls),"
+                f" SLO {r['slo_attainment']:.1%}, p95 {r['p95_latency_s']:.1f} s,"
+                f" {r['homogeneous_vs_this']:.1f}x cheaper than homogeneous"
+            )
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ Choices and why:
   queue instead of being lost.
 * Prefetch 1: a GPU worker holds only the task it runs, so a long fine-tune never sits
   behind another in one worker's buffer while other workers idle.
-* Time limits per kind (``TIME_LIMITS``), and a Redis visibility timeout longer than the
-  longest of them (the Celery trap where a long job runs twice, celery#5935); on
-  RabbitMQ the same bound is set per queue with ``x-consumer-timeout`` (3.12+; older
+* Time limits per kind (``TIME_LIMITS``). On Redis a short visibility timeout
+  (``FLEET_VISIBILITY_TIMEOUT_S``, default 300 s) plus a lease each live worker extends
+  every third of it for the messages it holds (``workers.lease``): a task running far
+  longer than the timeout is not run twice (the Celery trap, celery#5935), and a dead
+  worker's task comes back after about one timeout (the unacked sweep runs every tenth
+  of it, 1-30 s) instead of a day later. On
+  RabbitMQ the longest limit is set per queue with ``x-consumer-timeout`` (3.12+; older
   servers apply their server-wide ``consumer_timeout``).
 * Priorities 0-9 on both brokers; Redis groups them in four bands (kombu's priority
   sub-queues), RabbitMQ keeps all ten.
@@ -31,7 +35,9 @@ from fleet.catalog import default_catalog
 from fleet.queues import DEFAULT_EXCHANGE, REDIS_PRIORITY_STEPS, all_queue_names, kombu_queue
 from fleet.routing import TASK_NAME, route_task
 from fleet.settings import Settings
+from fleet.signing import SigningFiles, enable_signing
 from fleet.spec import TaskKind
+from fleet.tls import celery_tls_conf
 
 __all__ = ["TASK_NAME", "TIME_LIMITS", "app", "create_app"]
 
@@ -44,18 +50,61 @@ TIME_LIMITS: dict[TaskKind, int] = {
     TaskKind.TRAINING: 24 * 3600,
 }
 LEASE_MARGIN_S = 3600
-REDELIVERY_WINDOW_S = max(TIME_LIMITS.values()) + LEASE_MARGIN_S
+REDELIVERY_WINDOW_S = max(TIME_LIMITS.values()) + LEASE_MARGIN_S  # RabbitMQ consumer timeout
+
+
+def restore_interval_s(visibility_timeout_s: int) -> int:
+    """Seconds between sweeps for expired unacked Redis messages: a tenth of the timeout, 1-30."""
+    return max(1, min(30, visibility_timeout_s // 10))
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
-    """Transport options: the Redis visibility timeout and priority sub-queues."""
+    """Transport options: the Redis visibility timeout, its sweep, and priority sub-queues."""
     if not settings.is_redis:
         return {"confirm_publish": True}
     return {
-        "visibility_timeout": REDELIVERY_WINDOW_S,
+        "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_restore_interval": restore_interval_s(settings.visibility_timeout_s),
+        "unacked_restore_throttle": 1,  # every sweep scans: the interval alone sets the pace
         "priority_steps": list(REDIS_PRIORITY_STEPS),
         "sep": ":",
         "queue_order_strategy": "priority",
+        # A broker that stops answering (restart, partition) fails a call in bounded time
+        # instead of hanging it; the worker then reconnects (broker_connection_retry).
+        "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+        "socket_keepalive": True,
+        "health_check_interval": REDIS_HEALTH_CHECK_S,
+    }
+
+
+# Bounded waits on Redis (seconds): longer than kombu's 1 s BRPOP, short enough that a
+# dead server is noticed within a loop or two.
+REDIS_SOCKET_TIMEOUT_S = 30
+REDIS_CONNECT_TIMEOUT_S = 5
+REDIS_HEALTH_CHECK_S = 25
+# A worker storing a result while the result store restarts retries this many times
+# (with Celery's back-off, ~2 min in all) instead of failing the finished task.
+RESULT_STORE_RETRIES = 20
+
+
+def resilience_conf() -> dict[str, Any]:
+    """Celery settings for broker and result-store outages (both brokers).
+
+    Workers keep retrying the broker connection after start-up and on loss (Celery's
+    defaults, stated here so they are not changed by accident); the Redis result store
+    gets the same bounded socket timeouts as the broker; storing a result retries
+    across a restart of the store. RabbitMQ keeps its 120 s AMQP heartbeat.
+    """
+    return {
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": 100,
+        "broker_heartbeat": 120,
+        "redis_socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+        "redis_socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+        "redis_retry_on_timeout": True,
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": RESULT_STORE_RETRIES,
     }
 
 
@@ -94,11 +143,16 @@ def create_app(settings: Settings | None = None) -> Celery:
         if settings.is_redis
         else {},
         broker_connection_retry_on_startup=True,
+        **resilience_conf(),
+        **celery_tls_conf(settings.broker_url, settings.result_backend, settings.tls),
         result_expires=24 * 3600,
         worker_hijack_root_logger=False,
-        include=["workers.tasks"],
+        include=["workers.tasks", "workers.steps"],
     )
     app.conf.fleet_namespace = settings.namespace
+    signing = SigningFiles.from_env()  # FLEET_SIGNING_*: sign and accept only signed messages
+    if signing is not None:
+        enable_signing(app, signing)
     return app
 
 

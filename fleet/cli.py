@@ -15,7 +15,7 @@ from rich.table import Column, Table
 from fleet.catalog import Catalog, CatalogError, default_catalog, load_catalog
 from fleet.placement import NoPlacementError, Placement, Policy, place
 from fleet.settings import Settings, masked
-from fleet.spec import SpecError, TaskSpec, parse_spec
+from fleet.spec import SpecError, TaskSpec, check_size, parse_spec
 
 # Not a terminal (a pipe, a file, CI): wide enough that tables never truncate names,
 # so `fleet catalog | grep p5.48xlarge` works.
@@ -127,7 +127,10 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("spec_file")
+@click.argument("spec_file", required=False)
+@click.option(
+    "--workflow", "workflow_file", help="A workflow file (YAML or JSON): every step's placement."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON.")
 @click.option(
     "--policy", type=click.Choice([p.value for p in Policy]), default="cost", show_default=True
@@ -135,9 +138,22 @@ def main() -> None:
 @click.option("--pin", help="Accelerator for --policy pinned.")
 @click.option("--catalog", "catalog_dir", help="Catalog directory (default: shipped).")
 def route(
-    spec_file: str, as_json: bool, policy: str, pin: str | None, catalog_dir: str | None
+    spec_file: str | None,
+    workflow_file: str | None,
+    as_json: bool,
+    policy: str,
+    pin: str | None,
+    catalog_dir: str | None,
 ) -> None:
     """Show where SPEC_FILE (a TaskSpec JSON file, - for stdin) would run, without a broker."""
+    if workflow_file is not None or spec_file is None:
+        from fleet import cli_workflow  # noqa: PLC0415
+
+        cli_workflow.route_workflow(
+            _one_source(spec_file, workflow_file), _load_catalog(catalog_dir), Policy(policy),
+            as_json=as_json,
+        )  # fmt: skip
+        return
     spec = _parse_one(spec_file)
     catalog = _load_catalog(catalog_dir)
     try:
@@ -176,8 +192,27 @@ def _submit_with_progress(fleet: Any, specs: list[TaskSpec], policy: Policy) -> 
     return handles
 
 
+def _check_sizes(specs: list[TaskSpec], limit: int) -> None:
+    """Exit 2 naming the first spec over ``limit`` bytes serialized (``[index]`` for many)."""
+    for i, spec in enumerate(specs):
+        try:
+            check_size(spec, limit)
+        except SpecError as exc:
+            where = f"[{i}]" if len(specs) > 1 else ""
+            _spec_error(SpecError([(where, message) for _, message in exc.errors]))
+
+
+def _one_source(spec_file: str | None, workflow_file: str | None) -> str:
+    """The workflow file, when exactly one of SPEC_FILE and --workflow is given; else exit 2."""
+    if (spec_file is None) == (workflow_file is None):
+        err.print("[red]give a SPEC_FILE or --workflow FILE (one of them)[/]")
+        sys.exit(EXIT_INPUT)
+    return str(workflow_file)
+
+
 @main.command()
-@click.argument("spec_file")
+@click.argument("spec_file", required=False)
+@click.option("--workflow", "workflow_file", help="A workflow file (YAML or JSON) to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print task ids and placements as JSON.")
 @click.option(
     "--policy", type=click.Choice([p.value for p in Policy]), default="cost", show_default=True
@@ -185,8 +220,37 @@ def _submit_with_progress(fleet: Any, specs: list[TaskSpec], policy: Policy) -> 
 @click.option(
     "--wait", "wait_s", type=float, default=None, help="Wait up to this many seconds for results."
 )
-def submit(spec_file: str, as_json: bool, policy: str, wait_s: float | None) -> None:
-    """Submit the task(s) in SPEC_FILE: one spec, a JSON list, or JSON lines."""
+def submit(
+    spec_file: str | None,
+    workflow_file: str | None,
+    as_json: bool,
+    policy: str,
+    wait_s: float | None,
+) -> None:
+    """Submit the task(s) in SPEC_FILE: one spec, a JSON list, or JSON lines; or --workflow FILE."""
+    if workflow_file is not None or spec_file is None:
+        from fleet import cli_workflow  # noqa: PLC0415
+
+        path = _one_source(spec_file, workflow_file)
+        cli_workflow.submit_workflow_cli(path, Policy(policy), wait_s, as_json=as_json)
+    else:
+        _submit_specs(spec_file, as_json, policy, wait_s)
+
+
+def _not_submitted(exc: Exception, settings: Settings) -> NoReturn:
+    """Exit 1 for a publish that failed: refused (a nack) or unreachable, password masked."""
+    from fleet.submiterrors import SubmitError  # noqa: PLC0415
+
+    if isinstance(exc, SubmitError):  # it says which, and names the queues
+        err.print(f"[red]not submitted:[/] {escape(str(exc))}")
+    else:
+        err.print(
+            f"[red]cannot reach the broker at {masked(settings.broker_url)}:[/] {type(exc).__name__}"
+        )
+    sys.exit(1)
+
+
+def _submit_specs(spec_file: str, as_json: bool, policy: str, wait_s: float | None) -> None:
     from kombu.exceptions import OperationalError  # noqa: PLC0415 - keep `fleet route` light
 
     from fleet.client import Fleet  # noqa: PLC0415
@@ -199,6 +263,7 @@ def submit(spec_file: str, as_json: bool, policy: str, wait_s: float | None) -> 
         err.print(f"[red]cannot read {spec_file}:[/] {exc.strerror}")
         sys.exit(EXIT_INPUT)
     settings = Settings.from_env()
+    _check_sizes(specs, settings.max_task_bytes)  # before any chunk is sent
     with Fleet(settings) as fleet:
         try:
             handles = (
@@ -209,10 +274,7 @@ def submit(spec_file: str, as_json: bool, policy: str, wait_s: float | None) -> 
         except NoPlacementError as exc:
             _no_placement(exc, as_json=as_json)
         except OperationalError as exc:
-            err.print(
-                f"[red]cannot reach the broker at {masked(settings.broker_url)}:[/] {type(exc).__name__}"
-            )
-            sys.exit(1)
+            _not_submitted(exc, settings)
         rows = []
         for h in handles:
             row: dict[str, Any] = {"id": h.id, **h.placement.to_dict()}
@@ -236,7 +298,7 @@ def submit(spec_file: str, as_json: bool, policy: str, wait_s: float | None) -> 
 @click.option("--catalog", "catalog_dir", help="Catalog directory (default: shipped).")
 @click.pass_context
 def catalog(ctx: click.Context, as_json: bool, catalog_dir: str | None) -> None:
-    """List accelerator families and priced offers (``catalog refresh`` pulls live prices)."""
+    """List accelerator families, priced offers and API pools (``catalog refresh`` pulls live prices)."""
     if ctx.invoked_subcommand is not None:
         return
     cat = _load_catalog(catalog_dir)
@@ -257,6 +319,7 @@ def catalog(ctx: click.Context, as_json: bool, catalog_dir: str | None) -> None:
                         for f in cat.families.values()
                     ],
                     "offers": [asdict(o) for o in cat.offers],
+                    "api_offers": [{**asdict(o), "accelerator": o.accelerator} for o in cat.apis],
                 },
                 indent=2,
             )
@@ -311,6 +374,39 @@ def catalog(ctx: click.Context, as_json: bool, catalog_dir: str | None) -> None:
             o.price_date,
         )
     console.print(offers)
+    if cat.apis:
+        _print_api_offers(cat)
+
+
+def _print_api_offers(cat: Catalog) -> None:
+    """The token-priced API pools: queue inference.api-<provider>, $/M tokens, speed, limits."""
+    apis = Table(
+        Column("pool", no_wrap=True, min_width=14),
+        Column("model", no_wrap=True),
+        "$/M in",
+        "$/M out",
+        "tok/s",
+        "ttft s",
+        "req/min",
+        "tok/min",
+        "context",
+        "data",
+        title="API pools (token-priced; routed to only when enabled: \\[\\[api_pools]] or FLEET_API_POOLS=1)",
+    )
+    for o in cat.apis:
+        apis.add_row(
+            o.accelerator,
+            o.model,
+            f"{o.usd_per_m_input:g}",
+            f"{o.usd_per_m_output:g}",
+            f"{o.tokens_per_s:g}",
+            f"{o.ttft_s:g}",
+            str(o.requests_per_min),
+            str(o.tokens_per_min),
+            str(o.context_tokens),
+            o.residency if o.external else f"{o.residency} (self-hosted)",
+        )
+    console.print(apis)
 
 
 @main.command()
@@ -425,6 +521,13 @@ def _print_status(report: Any, previous: Any) -> None:  # noqa: ANN401 - StatusR
 @click.option(
     "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on 127.0.0.1:PORT."
 )
+@click.option(
+    "--api",
+    "api",
+    default=None,
+    metavar="PROVIDER",
+    help="Run an API worker for this provider (inference.api-PROVIDER, threads pool).",
+)
 def worker(
     accelerator: str,
     devices: int | None,
@@ -433,10 +536,21 @@ def worker(
     hostname: str | None,
     loglevel: str,
     metrics_port: int | None,
+    api: str | None,
 ) -> None:
     """Run a Celery worker on exactly the queues this machine's chip can serve."""
     from workers.main import start  # noqa: PLC0415
 
+    if api is not None:
+        from fleet.catalog.apis import api_providers  # noqa: PLC0415
+
+        known = api_providers(default_catalog())
+        if accelerator != "auto" or api not in known:
+            why = "--api excludes --accelerator" if accelerator != "auto" else "no API offers"
+            err.print(f"[red]{why} for {api!r}[/] (providers: {', '.join(known) or 'none'})")
+            sys.exit(EXIT_INPUT)
+        start(accelerator, devices, concurrency, pool, hostname, loglevel, metrics_port, api)
+        return
     catalog_names = default_catalog().names()
     if accelerator != "auto" and accelerator not in catalog_names:
         from fleet.spec import closest_accelerators  # noqa: PLC0415
@@ -459,6 +573,6 @@ def demo() -> None:
 
 
 # Ops commands (config check, plan, autoscale, scale, drain) register themselves on `main`.
-from fleet import cli_ops  # noqa: E402
+from fleet import cli_dlq, cli_ops  # noqa: E402
 
-__all__ = ["cli_ops", "main"]
+__all__ = ["cli_dlq", "cli_ops", "main"]

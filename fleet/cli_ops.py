@@ -66,6 +66,12 @@ def print_plan(plan: Plan, skipped: list[str]) -> None:
             "; ".join(d.reasons),
         )
     console.print(table)
+    for a in plan.api_pools:
+        console.print(
+            f"API pool api-{a.provider}: {a.current_concurrency} -> {a.desired_concurrency}"
+            f" concurrent calls; {'; '.join(a.reasons)}",
+            markup=False,
+        )
     for u in plan.unsatisfiable:
         console.print(f"[yellow]unsatisfiable:[/] {u.queue} ({u.ready} ready): {u.reason}")
     if skipped:

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
-import redis
 from celery import Celery
 from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
@@ -28,11 +27,13 @@ from fleet.app import TASK_NAME, TIME_LIMITS, create_app
 from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools, load_config
 from fleet.catalog import Catalog, default_catalog
 from fleet.obs.logs import get_logger
-from fleet.placement import Placement, Policy, place
+from fleet.placement import Placement, Policy, api_summary, place
 from fleet.queues import all_queue_names
 from fleet.settings import Settings
-from fleet.spec import TaskSpec, parse_spec
+from fleet.spec import TaskSpec, check_size, parse_spec
 from fleet.stats import AmqpStats, RedisStats, StatsCache, StatsSource
+from fleet.submiterrors import PUBLISH_ERRORS, as_submit_error
+from fleet.tls import redis_client
 
 log = get_logger("fleet.client")
 _stdlib_log = logging.getLogger("fleet.client")
@@ -115,9 +116,9 @@ class Fleet:
     def _default_stats(self) -> StatsSource:
         if self.settings.is_redis:
             return RedisStats(
-                redis.Redis.from_url(self.settings.broker_url), self.settings.namespace
+                redis_client(self.settings.broker_url, self.settings.tls), self.settings.namespace
             )
-        return AmqpStats(self.settings.broker_url)
+        return AmqpStats(self.settings.broker_url, self.settings.tls)
 
     def refresh_stats(self) -> None:
         """Read queue statistics now instead of waiting for the next background tick."""
@@ -156,6 +157,8 @@ class Fleet:
                 "estimated_cost_usd": placement.estimated_cost_usd,
                 "usd_per_hour": placement.offer.usd_per_hour,
                 "offer_devices": placement.offer.accelerator_count,
+                # token-priced API pool: provider, model and $/M tokens (None on a chip)
+                "api": api_summary(placement.api),
             }
         }
 
@@ -169,15 +172,23 @@ class Fleet:
         """Validate, place and enqueue one task.
 
         Raises:
-            SpecError: the spec is invalid (nothing is sent).
+            SpecError: the spec is invalid (nothing is sent); ``SpecTooLargeError`` when
+                its serialized size is over ``settings.max_task_bytes``.
             NoPlacementError: no accelerator can run it (nothing is sent).
-            kombu.exceptions.OperationalError: the broker cannot be reached.
+            SubmitError: the broker refused the task (a publisher-confirm nack on
+                RabbitMQ) or cannot be reached; nothing was enqueued. A subclass of
+                ``kombu.exceptions.OperationalError``; the message has no password.
 
         """
         spec = spec if isinstance(spec, TaskSpec) else parse_spec(spec)
+        check_size(spec, self.settings.max_task_bytes)
         placement = self.route(spec, policy, pin)
-        with self.app.producer_or_acquire() as producer:
-            handle = self._publish(producer, [(spec, placement, task_id_for(spec))], batch=False)[0]
+        try:
+            with self.app.producer_or_acquire() as producer:
+                prepared = [(spec, placement, task_id_for(spec))]
+                handle = self._publish(producer, prepared, batch=False)[0]
+        except PUBLISH_ERRORS as exc:
+            raise as_submit_error(exc, self.settings.broker_url, [placement.queue], 1) from exc
         if _stdlib_log.isEnabledFor(logging.INFO):  # costs nothing unless logging is configured
             log.info(
                 "task.submitted",
@@ -201,12 +212,14 @@ class Fleet:
     ) -> list[TaskHandle]:
         """Validate and place every spec first, then publish them all on one connection.
 
-        All-or-nothing at validation: if any spec is invalid or unplaceable, nothing is
-        sent and the error names the index. On Redis the publishes go through one
+        All-or-nothing at validation: if any spec is invalid, over the size cap or
+        unplaceable, nothing is sent and the error names the index. On Redis the publishes go through one
         pipeline per ``BATCH_SIZE`` messages.
 
         Raises:
             SpecError, NoPlacementError: with ``[index]`` prefixed to the message.
+            SubmitError: the broker refused or cannot be reached (see ``submit``); some
+                of the batch may have landed.
 
         """
         prepared: list[tuple[TaskSpec, Placement, str]] = []
@@ -215,6 +228,7 @@ class Fleet:
         for i, raw in enumerate(specs):
             try:
                 spec = raw if isinstance(raw, TaskSpec) else parse_spec(raw)
+                check_size(spec, self.settings.max_task_bytes)
                 key = (spec.kind, spec.model, spec.tokens_in, spec.tokens_out, spec.requirements,
                        spec.training_method, spec.slo, spec.budget)  # fmt: skip
                 placement = decided.get(key) or place(
@@ -227,11 +241,15 @@ class Fleet:
                 raise
             prepared.append((spec, placement, task_id_for(spec)))
         amqp = self.app.amqp
-        with self.app.producer_or_acquire() as producer:
-            for queue in {p.queue for _, p, _ in prepared}:  # declare each queue once
-                producer.maybe_declare(amqp.queues[queue])
-            with producer.batch(BATCH_SIZE):
-                return self._publish(producer, prepared, batch=True)
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for queue in {p.queue for _, p, _ in prepared}:  # declare each queue once
+                    producer.maybe_declare(amqp.queues[queue])
+                with producer.batch(BATCH_SIZE):
+                    return self._publish(producer, prepared, batch=True)
+        except PUBLISH_ERRORS as exc:
+            queues = [p.queue for _, p, _ in prepared]
+            raise as_submit_error(exc, self.settings.broker_url, queues, len(prepared)) from exc
 
     def _publish(
         self,
@@ -277,6 +295,23 @@ class Fleet:
             amqp.send_task_message(producer, TASK_NAME, message, **extra, **options)
             handles.append(TaskHandle(task_id, placement, AsyncResult(task_id, app=self.app)))
         return handles
+
+    def message_options(self, spec: TaskSpec, placement: Placement) -> dict[str, Any]:
+        """What ``submit`` publishes with, for workflow canvases.
+
+        ``options``: queue, priority, time limits, reprs; ``kwargs``: the placement the
+        worker receives.
+        """
+        return {"options": self._options(spec, placement), "kwargs": self._kwargs(placement)}
+
+    def submit_workflow(self, workflow: Any, *, policy: Policy = Policy.COST) -> Any:  # noqa: ANN401 - fleet.workflow types; imported lazily
+        """Place every step of a ``fleet.workflow.Workflow`` on its own and run it on Celery canvas.
+
+        See ``fleet.workflow_run.submit_workflow`` (returns a ``WorkflowRun``).
+        """
+        from fleet.workflow_run import submit_workflow  # noqa: PLC0415 - keeps the client import light
+
+        return submit_workflow(self, workflow, policy=policy)
 
     def result(self, task_id: str) -> AsyncResult[Any]:
         """The Celery result handle for a task id."""

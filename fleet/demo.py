@@ -7,6 +7,9 @@
 3. Submits everything in one batch, prints where each task went and why, the real
    results the CPU reference handlers computed, and the estimated cost against running
    the same work on on-demand H100s (AWS p5).
+3b. Runs a multi-agent workflow (``fleet.demo_workflow``) whose steps are placed one by
+   one, on three chip families and one API pool served by the EMULATED OpenAI-compatible
+   server, printing each step's placement and cost.
 4. Stops every process it started, also on Ctrl-C or SIGTERM.
 """
 
@@ -26,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet.client import Fleet, TaskHandle
+from fleet.demo_workflow import agent_workflow, chip_tiers, workflow_phase
 from fleet.embedded import embedded_redis
 from fleet.localworkers import LocalWorker, spawn_worker, stop_workers, wait_ready
 from fleet.placement import NoPlacementError, Policy, place
@@ -331,6 +335,8 @@ def run_demo() -> int:
                 tiers: dict[str, int] = {}
                 for p in routes:
                     tiers[p.accelerator] = max(tiers.get(p.accelerator, 1), p.devices)
+                for acc, n in chip_tiers(fleet, agent_workflow()).items():  # the workflow's chips
+                    tiers[acc] = max(tiers.get(acc, 1), n)
                 console.print(
                     f"starting {len(tiers)} emulated workers (CPU processes standing in for: {', '.join(sorted(tiers))})"
                 )
@@ -348,6 +354,7 @@ def run_demo() -> int:
                     console.print(
                         f"queues still holding work: {sum(q.ready for q in report.queues)}"
                     )
+                    workflow_phase(fleet, env, Path(tmp), console)
                 _print_costs(fleet, named, handles)
             if CONFIG.exists():
                 autoscale_phase(settings, Path(tmp) / "instances")

@@ -50,13 +50,18 @@ def spawn_worker(
     node: str | None = None,
     new_session: bool = False,
     metrics_port: int | None = None,
+    api: str | None = None,
 ) -> LocalWorker:
     """Start one worker process (returns at once; see ``wait_ready``).
+
+    With ``api`` (a provider), an API worker (``fleet worker --api``): ``accelerator``
+    is then only its name's prefix, and the pool is threads with ``concurrency`` threads.
 
     ``new_session`` detaches it from this process group, so a Ctrl-C meant for the
     parent (an autoscaler) does not reach it: instances outlive the autoscaler.
     """
-    node = node or f"{accelerator}-{uuid.uuid4().hex[:6]}@localhost"
+    name = f"api-{api}" if api is not None else accelerator
+    node = node or f"{name}-{uuid.uuid4().hex[:6]}@localhost"
     log_path = log_dir / f"worker-{node.replace('@', '_')}.log"
     cmd = [
         sys.executable, "-m", "fleet", "worker",
@@ -65,6 +70,9 @@ def spawn_worker(
     ]  # fmt: skip
     if metrics_port is not None:
         cmd += ["--metrics-port", str(metrics_port)]
+    if api is not None:
+        cmd += ["--api", api]
+        cmd[cmd.index("--accelerator") : cmd.index("--accelerator") + 2] = []
     with log_path.open("wb") as log:
         # Our own CLI with a fixed argv: nothing untrusted reaches the command line.
         child_env = {**os.environ, **env}

@@ -12,6 +12,20 @@ expected wait from the live queue loads, then picks by policy:
 Every decision carries its reasons and, for each other family, why it was not chosen.
 The spec-dependent part is cached per (spec shape, catalog), so routing a repeated
 shape costs a dictionary lookup; queue loads are applied after the cache.
+
+Token-priced API pools (``fleet.apiplacement``) compete in the same decision when the
+catalog routes to them: their cost is the tokens at list price, their duration time to
+first token plus output at stream speed, their wait the backlog against the rate limit.
+
+Waking a chip: a self-hosted queue with no consumer waits the family's cold start, and
+the instance is paid while it boots. That boot cost (the offer's hourly price for the cold
+start, shared by the tasks already waiting on that queue) is added when the ``cost``
+policy ranks candidates, so a short call goes to an API rather than paying for a GPU to
+boot; ``estimated_cost_usd`` stays the task's own share and is what ``budget.max_usd``
+caps (a fleet scaled to zero must still take budget-bound work). The boot cost is
+reported as ``cold_start_cost_usd``; it is ranked only when the catalog routes to API
+pools, so a chips-only fleet decides exactly as before (cheapest task share, waits
+deciding only through the deadline).
 """
 
 from __future__ import annotations
@@ -22,7 +36,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from fleet.apiplacement import api_candidates, api_wait_s, is_api_accelerator
 from fleet.catalog import Catalog, Market, Offer
+from fleet.catalog.apis import ApiOffer, jurisdiction
 from fleet.compat import family_rejection, memory_needed_gb, offer_fit
 from fleet.queues import queue_name
 from fleet.spec import TaskSpec
@@ -79,6 +95,7 @@ class Candidate:
     busy_s: float  # device time per task on a busy server (what queued work costs in wait)
     cost_usd: float
     cold_start_s: float
+    api: ApiOffer | None = None  # set for a token-priced API pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +122,16 @@ class Placement:
     reasons: tuple[str, ...]
     rejected: tuple[Rejection, ...] = field(default=())
     deadline_at_risk: bool = False
+    api: ApiOffer | None = None
+    cold_start_cost_usd: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (the shape ``fleet route --json`` prints)."""
+        """JSON-ready form (the shape ``fleet route --json`` prints).
+
+        ``api`` is null for a chip; for an API pool it names the provider, model and
+        per-million-token prices (``offer`` then describes the pool: cloud ``api``,
+        region its residency, ``usd_per_hour`` 0).
+        """
         return {
             "queue": self.queue,
             "accelerator": self.accelerator,
@@ -121,7 +145,26 @@ class Placement:
             "reasons": list(self.reasons),
             "deadline_at_risk": self.deadline_at_risk,
             "rejected": [{"accelerator": r.accelerator, "reason": r.reason} for r in self.rejected],
+            "api": api_summary(self.api),
+            "cold_start_cost_usd": self.cold_start_cost_usd,
         }
+
+
+def api_summary(offer: ApiOffer | None) -> dict[str, Any] | None:
+    """JSON-ready summary of an API choice (provider, model, prices), None for a chip."""
+    if offer is None:
+        return None
+    return {
+        "provider": offer.provider,
+        "model": offer.model,
+        "api_model": offer.api_model,
+        "usd_per_m_input": offer.usd_per_m_input,
+        "usd_per_m_output": offer.usd_per_m_output,
+        "tokens_per_s": offer.tokens_per_s,
+        "ttft_s": offer.ttft_s,
+        "residency": offer.residency,
+        "external": offer.external,
+    }
 
 
 class NoPlacementError(ValueError):
@@ -139,6 +182,13 @@ class NoPlacementError(ValueError):
 def _offer_markets(spec: TaskSpec, offer: Offer) -> list[tuple[Market, float]]:
     req = spec.requirements
     if req.clouds and offer.cloud not in req.clouds:
+        return []
+    # Instances the fleet runs are self-hosted: "self" admits them wherever they are.
+    if (
+        req.residency
+        and "self" not in req.residency
+        and jurisdiction(offer.cloud, offer.region) not in req.residency
+    ):
         return []
     out = []
     for market in offer.markets():
@@ -162,7 +212,9 @@ def _best_offer(
         priced = _offer_markets(spec, offer)
         if not priced:
             if offer.markets():
-                reason = "no offer in the allowed clouds or markets"
+                reason = "no offer in the allowed clouds or markets" + (
+                    " or residency" if spec.requirements.residency else ""
+                )
             continue
         fit = offer_fit(spec, offer, need_gb)
         if fit.devices is None:
@@ -206,7 +258,8 @@ def _largest(reasons: list[str]) -> str:
 
 
 _MEMO_LIMIT = 4096
-Option = tuple[Candidate, str, float]  # (candidate, queue, expected wait in seconds)
+# (candidate, queue, expected wait in seconds, cost of booting a cold queue's instance)
+Option = tuple[Candidate, str, float, float]
 Analysis = tuple[float, tuple[Candidate, ...], tuple[Rejection, ...]]
 
 
@@ -249,6 +302,21 @@ def _analyse_uncached(spec: TaskSpec, catalog: Catalog) -> Analysis:
             rejected.append(Rejection(name, reason))
         else:
             candidates.append(best)
+    apis, api_rejected = api_candidates(spec, catalog)
+    candidates += [
+        Candidate(
+            accelerator=a.offer.accelerator,
+            devices=1,
+            offer=OfferChoice("api", a.offer.residency, a.offer.key, Market.ON_DEMAND, 0.0, 1),
+            service_s=a.service_s,
+            busy_s=a.busy_s,
+            cost_usd=a.cost_usd,
+            cold_start_s=0.0,
+            api=a.offer,
+        )
+        for a in apis
+    ]
+    rejected += [Rejection(acc, why) for acc, why in api_rejected]
     return need, tuple(candidates), tuple(rejected)
 
 
@@ -258,11 +326,27 @@ def _wait_s(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> 
     load = loads.get(queue)
     if load is None:
         return 0.0
+    if c.api is not None:
+        return api_wait_s(c.busy_s, load.depth, load.consumers)
     if load.consumers <= 0:
         return c.cold_start_s + load.depth * c.busy_s
     # A consumer works through its backlog at device-time speed: a batching server
     # overlaps generation streams, so queued work waits busy_s each, not service_s.
     return load.depth * c.busy_s / load.consumers
+
+
+def _boot_cost_usd(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> float:
+    """What booting an instance for a queue with no consumer costs this task.
+
+    The whole instance is paid for the family's cold start; the tasks already waiting on
+    that queue share it. Zero for API pools, warm queues and unknown loads.
+    """
+    if c.api is not None or loads is None:
+        return 0.0
+    load = loads.get(queue)
+    if load is None or load.consumers > 0:
+        return 0.0
+    return c.offer.usd_per_hour * c.cold_start_s / 3600.0 / (load.depth + 1)
 
 
 def _pinned(
@@ -297,8 +381,8 @@ def _feasible(
 ) -> tuple[list[Option], list[Option]]:
     """Candidates within budget and deadline, and those that miss it only by waiting.
 
-    Returns ``(feasible, at_risk)``, each ``(candidate, queue, expected wait)``. A
-    candidate whose run alone exceeds the deadline is rejected outright.
+    Returns ``(feasible, at_risk)``, each ``(candidate, queue, expected wait, boot cost)``.
+    A candidate whose run alone exceeds the deadline is rejected outright.
     """
     feasible: list[Option] = []
     at_risk: list[Option] = []
@@ -307,6 +391,7 @@ def _feasible(
     for c in candidates:
         queue = queue_name(spec.kind, c.accelerator, c.devices, namespace)
         wait = _wait_s(c, queue, loads)
+        boot = _boot_cost_usd(c, queue, loads)
         if budget is not None and c.cost_usd > budget:
             rejected.append(
                 Rejection(
@@ -315,7 +400,7 @@ def _feasible(
             )
         elif deadline is not None and wait + c.service_s > deadline:
             if c.service_s <= deadline:
-                at_risk.append((c, queue, wait))
+                at_risk.append((c, queue, wait, boot))
             rejected.append(
                 Rejection(
                     c.accelerator,
@@ -323,7 +408,7 @@ def _feasible(
                 )
             )
         else:
-            feasible.append((c, queue, wait))
+            feasible.append((c, queue, wait, boot))
     return feasible, at_risk
 
 
@@ -362,7 +447,8 @@ def place(
             raise ValueError(
                 "policy pinned needs an accelerator: pass pin or requirements.accelerators"
             )
-        catalog.family(target)
+        if not is_api_accelerator(catalog, target):
+            catalog.family(target)
         pinned = [c for c in candidates if c.accelerator == target]
         rejected += [
             Rejection(c.accelerator, f"not the pinned accelerator {target}")
@@ -388,13 +474,22 @@ def place(
     if not feasible:
         raise NoPlacementError(tuple(sorted(rejected, key=lambda r: r.accelerator)))
 
+    ranked = catalog.route_apis  # boot costs rank only where API pools compete
     if policy_used is Policy.FASTEST:
-        chosen, queue, wait = min(feasible, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd))
+        chosen, queue, wait, boot = min(
+            feasible, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd)
+        )
         why = f"fastest: expected finish {wait + chosen.service_s:,.3g} s"
     else:
-        chosen, queue, wait = min(feasible, key=lambda f: (f[0].cost_usd, f[2] + f[0].service_s))
-        why = f"cheapest that meets the deadline: ${chosen.cost_usd:.6g}"
-    for c, _, w in feasible:
+        chosen, queue, wait, boot = min(
+            feasible, key=lambda f: (f[0].cost_usd + f[3] * ranked, f[2] + f[0].service_s)
+        )
+        why = f"cheapest that meets the deadline: ${chosen.cost_usd + boot * ranked:.6g}" + (
+            f" (task ${chosen.cost_usd:.6g} + ${boot:.6g} to boot a cold instance)"
+            if boot and ranked
+            else ""
+        )
+    for c, _, w, b in feasible:
         if c is chosen:
             continue
         if policy_used is Policy.FASTEST:
@@ -402,19 +497,17 @@ def place(
                 Rejection(c.accelerator, f"slower: expected finish {w + c.service_s:,.3g} s")
             )
         else:
+            booting = f" (incl. ${b:.6g} to boot a cold instance)" if b and ranked else ""
             rejected.append(
-                Rejection(c.accelerator, f"costlier: ${c.cost_usd:.6g} vs ${chosen.cost_usd:.6g}")
+                Rejection(
+                    c.accelerator,
+                    f"costlier: ${c.cost_usd + b * ranked:.6g}{booting}"
+                    f" vs ${chosen.cost_usd + boot * ranked:.6g}",
+                )
             )
     reasons = (
         risk_note or why,
-        (
-            f"memory: needs {need:,.1f} GB; {chosen.devices} x {chosen.accelerator} on"
-            f" {chosen.offer.instance_type} ({chosen.offer.accelerator_count} devices)"
-        ),
-        (
-            f"offer: {chosen.offer.cloud} {chosen.offer.region} {chosen.offer.instance_type}"
-            f" {chosen.offer.market.value} ${chosen.offer.usd_per_hour:g}/h"
-        ),
+        *_where(chosen, need),
         f"expected wait {wait:,.3g} s, run {chosen.service_s:,.3g} s",
     )
     return Placement(
@@ -430,4 +523,30 @@ def place(
         reasons=reasons,
         deadline_at_risk=bool(risk_note),
         rejected=tuple(sorted(rejected, key=lambda r: r.accelerator)),
+        api=chosen.api,
+        cold_start_cost_usd=boot,
+    )
+
+
+def _where(chosen: Candidate, need: float) -> tuple[str, str]:
+    """The two reason lines that say what runs the task: memory and offer, or the API."""
+    api = chosen.api
+    if api is not None:
+        where = "external" if api.external else "self-hosted"
+        return (
+            f"api: {api.provider} serves {api.model} as {api.api_model} ({where}, data in {api.residency})",
+            (
+                f"price: ${api.usd_per_m_input:g}/M input, ${api.usd_per_m_output:g}/M output tokens;"
+                f" {api.tokens_per_s:g} tokens/s, first token {api.ttft_s:g} s"
+            ),
+        )
+    return (
+        (
+            f"memory: needs {need:,.1f} GB; {chosen.devices} x {chosen.accelerator} on"
+            f" {chosen.offer.instance_type} ({chosen.offer.accelerator_count} devices)"
+        ),
+        (
+            f"offer: {chosen.offer.cloud} {chosen.offer.region} {chosen.offer.instance_type}"
+            f" {chosen.offer.market.value} ${chosen.offer.usd_per_hour:g}/h"
+        ),
     )

@@ -80,7 +80,10 @@ def queues_for_worker(family: Family, devices: int, namespace: str = "") -> tupl
 
 
 def all_queue_names(catalog: Catalog, namespace: str = "") -> tuple[str, ...]:
-    """Every queue the catalog's offers can need (kinds x families x device tiers of its offers)."""
+    """Every queue the catalog's offers can need (kinds x families x device tiers of its offers).
+
+    Includes one ``inference.api-<provider>`` queue per provider in ``catalog.apis``.
+    """
     names: set[str] = set()
     for family in catalog.families.values():
         counts = {o.accelerator_count for o in catalog.offers_by_family.get(family.name, ())} or {1}
@@ -91,7 +94,13 @@ def all_queue_names(catalog: Catalog, namespace: str = "") -> tuple[str, ...]:
         for kind in TaskKind:
             if kind.value in family.kinds:
                 names.update(queue_name(kind, family.name, n, namespace) for n in tiers)
+    names.update(api_queue_name(o.provider, namespace) for o in catalog.apis)
     return tuple(sorted(names))
+
+
+def api_queue_name(provider: str, namespace: str = "") -> str:
+    """The queue of an API pool: ``inference.api-<provider>`` (API pools serve inference only)."""
+    return queue_name(TaskKind.INFERENCE, f"api-{provider}", 1, namespace)
 
 
 def kombu_queue(name: str) -> Queue:

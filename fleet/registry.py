@@ -104,3 +104,64 @@ class Heartbeat:
             unregister(self._client, self._info.hostname, self._namespace)
         except redis.RedisError:
             return
+
+
+# --- spot interruptions: written by a worker on a notice (workers.preemption), read by
+# the autoscaler (fleet.autoscaler.observe), which then prefers other offers for a while.
+
+INTERRUPTION_TTL_S = 6 * 3600  # longer than any pool's capacity back-off is likely to be
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptionRecord:
+    """A spot interruption notice one worker saw.
+
+    ``offer`` is the offer key (``cloud/region/instance_type/market``) when the worker
+    knows it (``FLEET_OFFER``, set by the autoscaler at launch); the autoscaler otherwise
+    finds the offer from ``instance_id`` in its providers' listings. Times are epoch seconds.
+    """
+
+    hostname: str
+    cloud: str
+    action: str
+    at: float
+    deadline: float
+    instance_id: str | None = None
+    offer: str | None = None
+    region: str | None = None
+    instance_type: str | None = None
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> InterruptionRecord:
+        """Decode a stored record."""
+        data: dict[str, Any] = json.loads(raw)
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """Encode for the store."""
+        return json.dumps(asdict(self))
+
+
+def _interruption_key(namespace: str, name: str) -> str:
+    return f"{namespace}fleet:interruption:{name}"
+
+
+def record_interruption(
+    client: redis.Redis, record: InterruptionRecord, namespace: str = ""
+) -> None:
+    """Store ``record`` (one per instance, or per worker without an instance id) with a TTL."""
+    name = record.instance_id or record.hostname
+    client.set(_interruption_key(namespace, name), record.to_json(), ex=INTERRUPTION_TTL_S)
+
+
+def recent_interruptions(client: redis.Redis, namespace: str = "") -> list[InterruptionRecord]:
+    """Interruptions recorded within ``INTERRUPTION_TTL_S``, oldest first; malformed ones skipped."""
+    keys = list(client.scan_iter(match=_interruption_key(namespace, "*"), count=500))
+    out = []
+    for raw in client.mget(keys) if keys else []:
+        if raw is not None:
+            try:
+                out.append(InterruptionRecord.from_json(raw))
+            except (ValueError, TypeError):
+                continue
+    return sorted(out, key=lambda r: (r.at, r.hostname))

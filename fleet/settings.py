@@ -5,17 +5,27 @@
 ``FLEET_NAMESPACE``      queue-name prefix so several fleets can share one broker
 ``FLEET_ARTIFACT_DIR``   where workers write checkpoints (default ``./.fleet/artifacts``)
 ``FLEET_CATALOG_DIR``    a catalog directory replacing the shipped one
+``FLEET_TLS_CA_FILE``, ``FLEET_TLS_CERT_FILE``, ``FLEET_TLS_KEY_FILE``
+                         TLS files for ``rediss://`` / ``amqps://`` (``fleet.tls``)
+``FLEET_VISIBILITY_TIMEOUT_S``
+                         Redis: seconds before an unacked message of a dead worker is
+                         redelivered (default 300; live workers extend their leases)
+``FLEET_MAX_TASK_BYTES`` cap on a spec's serialized size at submit and at the worker
+                         (default 1 MiB; ``fleet.spec.check_size``)
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from fleet.tls import TlsFiles
+
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_MAX_TASK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +36,9 @@ class Settings:
     result_backend: str
     namespace: str
     artifact_dir: Path
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    visibility_timeout_s: int = 300
+    max_task_bytes: int = DEFAULT_MAX_TASK_BYTES
 
     @property
     def is_redis(self) -> bool:
@@ -43,6 +56,9 @@ class Settings:
             result_backend=backend,
             namespace=env.get("FLEET_NAMESPACE", ""),
             artifact_dir=Path(env.get("FLEET_ARTIFACT_DIR") or ".fleet/artifacts"),
+            tls=TlsFiles.from_env(env),
+            visibility_timeout_s=int(env.get("FLEET_VISIBILITY_TIMEOUT_S") or 300),
+            max_task_bytes=int(env.get("FLEET_MAX_TASK_BYTES") or DEFAULT_MAX_TASK_BYTES),
         )
 
 

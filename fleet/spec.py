@@ -18,14 +18,27 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from fleet.catalog import accelerator_names
+from fleet.catalog import accelerator_names, default_catalog
 
 MAX_TOKENS = 10**13  # larger than any real training run (Llama 3: 1.5e13 is the order)
+# Input integers beyond 64 bits are not portable JSON, and past 4,300 digits Python cannot
+# even print them (so a spec holding one could be validated but never sent).
+MAX_INPUT_INT = 2**64
+MAX_INPUT_DEPTH = 64  # nesting of ``input``; deeper breaks JSON encoders' recursion limits
+MAX_ERRORS_SHOWN = 20  # a SpecError lists at most this many fields, then a count
+_MAX_LOC_CHARS = 200
+_MAX_MSG_CHARS = 300
+
+# Numbers are strict: ``true`` or ``"8"`` is not a parameter count (a float field still
+# takes a JSON integer).
+_Number = Annotated[float, Strict()]
+_Count = Annotated[int, Strict()]
 
 
 class TaskKind(StrEnum):
@@ -78,7 +91,7 @@ class ModelRef(BaseModel):
     model_config = _STRICT
 
     name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
-    params_b: Annotated[float, Field(gt=0, le=100_000, description="billions of parameters")]
+    params_b: Annotated[_Number, Field(gt=0, le=100_000, description="billions of parameters")]
     dtype: DType = DType.BF16
 
 
@@ -97,18 +110,28 @@ def closest_accelerators(name: str, n: int = 3) -> list[str]:
 
 def _check_accelerators(names: tuple[str, ...]) -> tuple[str, ...]:
     known = set(accelerator_names())
+    api_pools = {o.accelerator for o in default_catalog().apis}
     for name in names:
-        if name not in known:
+        if name not in known and name not in api_pools:
             close = closest_accelerators(name)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(
-                f"unknown accelerator {name!r}{hint} (valid: {', '.join(sorted(known))})"
+                f"unknown accelerator {name!r}{hint} (valid: {', '.join(sorted(known))};"
+                " or an API pool api-<provider>)"
             )
     return names
 
 
 class Requirements(BaseModel):
-    """Hard constraints on where a task may run. Empty means no constraint."""
+    """Hard constraints on where a task may run. Empty means no constraint.
+
+    ``accelerators`` and ``exclude`` also take API pools (``api-groq``).
+    ``external_apis`` False keeps the task off every external (third-party) API pool;
+    a self-hosted OpenAI-compatible endpoint is still allowed. ``residency`` lists the
+    places the data may go (``us``, ``eu``, ``self``, ...; empty: anywhere): API offers
+    match on their ``residency``, cloud offers on their region's jurisdiction
+    (``fleet.catalog.apis.jurisdiction``).
+    """
 
     model_config = _STRICT
 
@@ -117,7 +140,9 @@ class Requirements(BaseModel):
     runtimes: tuple[Runtime, ...] = ()
     clouds: tuple[Literal["aws", "gcp", "azure"], ...] = ()
     markets: tuple[Literal["on_demand", "spot"], ...] = ()
-    min_accelerator_memory_gb: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    min_accelerator_memory_gb: Annotated[_Number, Field(gt=0, le=100_000)] | None = None
+    external_apis: Annotated[bool, Strict()] = True
+    residency: tuple[Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")], ...] = ()
 
     _valid_accelerators = field_validator("accelerators", "exclude")(_check_accelerators)
 
@@ -127,7 +152,7 @@ class SLO(BaseModel):
 
     model_config = _STRICT
 
-    deadline_s: Annotated[float, Field(gt=0, le=365 * 86400)] | None = None
+    deadline_s: Annotated[_Number, Field(gt=0, le=365 * 86400)] | None = None
 
 
 class Budget(BaseModel):
@@ -135,7 +160,7 @@ class Budget(BaseModel):
 
     model_config = _STRICT
 
-    max_usd: Annotated[float, Field(gt=0, le=10**7)] | None = None
+    max_usd: Annotated[_Number, Field(gt=0, le=10**7)] | None = None
 
 
 class TaskSpec(BaseModel):
@@ -155,20 +180,25 @@ class TaskSpec(BaseModel):
     model: ModelRef
     input: JsonValue | None = None
     input_uri: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
-    tokens_in: Annotated[int, Field(ge=0, le=MAX_TOKENS)] = 0
-    tokens_out: Annotated[int, Field(ge=0, le=MAX_TOKENS)] = 0
+    tokens_in: Annotated[_Count, Field(ge=0, le=MAX_TOKENS)] = 0
+    tokens_out: Annotated[_Count, Field(ge=0, le=MAX_TOKENS)] = 0
     requirements: Requirements = Requirements()
     slo: SLO = SLO()
     budget: Budget = Budget()
-    priority: Annotated[int, Field(ge=0, le=9)] = 0
+    priority: Annotated[_Count, Field(ge=0, le=9)] = 0
     idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     training_method: Literal["full", "lora"] | None = None
+    sensitive: Annotated[bool, Strict()] = Field(
+        default=False,
+        description="the input is confidential: kept out of logs, task reprs and stored errors",
+    )
 
     @field_validator("input")
     @classmethod
     def _finite(cls, value: JsonValue | None) -> JsonValue | None:
-        if not _all_finite(value):
-            raise ValueError("NaN and infinite numbers are not JSON")
+        problem = _json_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -199,17 +229,21 @@ class TaskSpec(BaseModel):
         return "lora" if self.kind is TaskKind.FINE_TUNE else "full"
 
 
-def _all_finite(value: JsonValue | None) -> bool:
-    stack: list[JsonValue | None] = [value]
+def _json_problem(value: JsonValue | None) -> str | None:
+    """Why ``value`` is not portable JSON (non-finite, huge integer, too deep), or None."""
+    stack: list[tuple[JsonValue | None, int]] = [(value, 0)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         if isinstance(item, float) and not math.isfinite(item):
-            return False
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return True
+            return "NaN and infinite numbers are not JSON"
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) >= MAX_INPUT_INT:
+            return "integers must be smaller than 2**64 in magnitude"
+        if isinstance(item, dict | list):
+            if depth >= MAX_INPUT_DEPTH:
+                return f"nested deeper than {MAX_INPUT_DEPTH} levels"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 class SpecError(ValueError):
@@ -221,28 +255,73 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{f}: {m}" if f else m for f, m in errors))
 
 
+class SpecTooLargeError(SpecError):
+    """A valid spec whose serialized size is over the configured cap (``FLEET_MAX_TASK_BYTES``)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        """Build from the spec's serialized size and the limit, both in bytes."""
+        self.size = size
+        self.limit = limit
+        message = f"spec is {size:,} bytes serialized; the limit is {limit:,} bytes"
+        super().__init__([("", f"{message} (FLEET_MAX_TASK_BYTES)")])
+
+
+def spec_size(spec: TaskSpec) -> int:
+    """Bytes of the spec's JSON serialization (the bulk of its message body)."""
+    return len(TaskSpec.__pydantic_serializer__.to_json(spec))
+
+
+def check_size(spec: TaskSpec, limit: int) -> None:
+    """Refuse a spec over ``limit`` bytes serialized.
+
+    Raises:
+        SpecTooLargeError: naming the size and the limit.
+
+    """
+    size = spec_size(spec)
+    if size > limit:
+        raise SpecTooLargeError(size, limit)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(field, message)`` pairs, bounded: hostile input cannot make the error huge."""
     out = []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    for err in errors[:MAX_ERRORS_SHOWN]:
+        loc = _clip(".".join(str(p) for p in err["loc"]), _MAX_LOC_CHARS)
+        msg = _clip(err["msg"].removeprefix("Value error, "), _MAX_MSG_CHARS)
         out.append((loc, msg))
+    if len(errors) > MAX_ERRORS_SHOWN:
+        out.append(("", f"... and {len(errors) - MAX_ERRORS_SHOWN:,} more errors"))
     return out
 
 
 def parse_spec(data: str | bytes | dict[str, Any]) -> TaskSpec:
     """Validate JSON text or a decoded object into a TaskSpec.
 
+    Contract (fuzzed in ``tests/unit/test_fuzz_spec.py``): whatever ``data`` is, this
+    returns a TaskSpec or raises SpecError, never another exception; the error names the
+    field where there is one and stays short (at most ``MAX_ERRORS_SHOWN`` fields, each
+    clipped) whatever the input's size.
+
     Raises:
-        SpecError: malformed JSON or any invalid field; the message names each field.
+        SpecError: malformed JSON, a value that is not an object, or any invalid field.
 
     """
     try:
         if isinstance(data, dict):
             return TaskSpec.model_validate(data)
-        return TaskSpec.model_validate_json(data)
+        if isinstance(data, str | bytes | bytearray):
+            return TaskSpec.model_validate_json(data)
     except ValidationError as exc:
         raise SpecError(_errors(exc)) from None
+    except RecursionError:  # a Python object nested past the interpreter's limit
+        raise SpecError([("", "nested too deeply")]) from None
+    raise SpecError([("", f"a spec is a JSON object, not {type(data).__name__}")])
 
 
 def spec_json(spec: TaskSpec) -> str:

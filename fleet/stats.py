@@ -24,6 +24,7 @@ from kombu.exceptions import ChannelError, OperationalError
 from fleet.placement import QueueLoad
 from fleet.queues import REDIS_PRIORITY_STEPS
 from fleet.registry import live_workers
+from fleet.tls import TlsFiles, amqp_ssl_options, uses_tls
 
 REDIS_PRIORITY_SEP = ":"
 
@@ -101,14 +102,17 @@ class RedisStats:
 class AmqpStats:
     """Statistics from RabbitMQ by passive declare (a missing queue counts as empty)."""
 
-    def __init__(self, url: str) -> None:
-        """Connect lazily to ``url``."""
+    def __init__(self, url: str, tls: TlsFiles | None = None) -> None:
+        """Connect lazily to ``url`` (``amqps://`` verifies the server with ``tls``)."""
         self._url = url
+        self._ssl: dict[str, Any] | bool = (
+            amqp_ssl_options(tls or TlsFiles(), url) if uses_tls(url) else False
+        )
 
     def read(self, queues: Sequence[str]) -> dict[str, QueueStats]:
         """Message and consumer counts per queue."""
         out: dict[str, QueueStats] = {}
-        with Connection(self._url, connect_timeout=5) as conn:
+        with Connection(self._url, ssl=self._ssl, connect_timeout=5) as conn:
             channel = conn.channel()
             for q in queues:
                 try:

@@ -6,7 +6,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import redis
 from celery import Celery
 
 from fleet.autoscaler.config import AutoscalerConfig
@@ -15,6 +14,7 @@ from fleet.queues import all_queue_names
 from fleet.registry import live_workers
 from fleet.settings import Settings, masked
 from fleet.stats import AmqpStats, QueueStats, RedisStats, oldest_age_s
+from fleet.tls import redis_client
 
 INSPECT_TIMEOUT_S = 1.5
 
@@ -96,7 +96,7 @@ def collect(
     names = all_queue_names(catalog, settings.namespace)
     workers: list[WorkerRow]
     if settings.is_redis:
-        client = redis.Redis.from_url(settings.broker_url)
+        client = redis_client(settings.broker_url, settings.tls)
         stats = RedisStats(client, settings.namespace).read(names)
         registered = live_workers(client, settings.namespace)
         active = _active_counts(app, [w.hostname for w in registered])
@@ -112,7 +112,7 @@ def collect(
             for w in registered
         ]
     else:
-        stats = AmqpStats(settings.broker_url).read(names)
+        stats = AmqpStats(settings.broker_url, settings.tls).read(names)
         inspect = app.control.inspect(timeout=INSPECT_TIMEOUT_S)
         # Celery's documented way to call a custom inspect command is _request.
         raw: Any = inspect._request("fleet_identity") or {}  # noqa: SLF001
@@ -133,7 +133,7 @@ def collect(
     ages: dict[str, float] = {}
     dead = 0
     if settings.is_redis:
-        client = redis.Redis.from_url(settings.broker_url)
+        client = redis_client(settings.broker_url, settings.tls)
         for s in shown:
             if s.ready and (age := oldest_age_s(client, s.name, now)) is not None:
                 ages[s.name] = age
@@ -142,13 +142,16 @@ def collect(
             .read([dead_letter_queue(settings.namespace)])[dead_letter_queue(settings.namespace)]
             .ready
         )
+    else:
+        dlq = dead_letter_queue(settings.namespace)
+        dead = AmqpStats(settings.broker_url, settings.tls).read([dlq])[dlq].ready
     return StatusReport(
         masked(settings.broker_url), shown, tuple(workers), ages, pools_now(config), dead, now
     )
 
 
 def dead_letter_queue(namespace: str = "") -> str:
-    """The queue poison tasks go to (filled by the fault-handling work; read here already)."""
+    """The queue poison tasks go to (``fleet.dlq``)."""
     return f"{namespace}fleet.dead-letter"
 
 

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 from functools import cache
 
 from fleet.catalog import Catalog
-from fleet.queues import queues_for_worker
+from fleet.catalog.apis import PROVIDER_RE, provider_of
+from fleet.queues import queue_name, queues_for_worker
+from fleet.spec import TaskKind
 
 ENV_VAR = "FLEET_WORKER_IDENTITY"
 
@@ -48,6 +50,11 @@ class WorkerIdentity:
         return cls(**data)
 
     @property
+    def api_provider(self) -> str | None:
+        """The provider of an API worker (accelerator ``api-<provider>``), else None."""
+        return provider_of(self.accelerator)
+
+    @property
     def label(self) -> str:
         """``nvidia-l4 x1 (emulated)`` style label for logs and status."""
         tag = " (emulated)" if self.emulated else ""
@@ -79,6 +86,33 @@ def emulated_identity(
         product=f"emulated {family.display}",
         queues=queues_for_worker(family, devices, namespace),
         concurrency=concurrency or devices,
+    )
+
+
+API_CONCURRENCY = 16  # threads: each task mostly waits on the network
+
+
+def api_identity(
+    catalog: Catalog, provider: str, concurrency: int | None = None, namespace: str = ""
+) -> WorkerIdentity:
+    """Identity of a light CPU worker forwarding ``inference.api-<provider>`` to the provider.
+
+    Raises:
+        KeyError: the catalog has no API offer from ``provider`` (the message lists those it has).
+
+    """
+    providers = sorted({o.provider for o in catalog.apis})
+    if not PROVIDER_RE.match(provider) or provider not in providers:
+        raise KeyError(f"no API offers from {provider!r} (known: {', '.join(providers) or 'none'})")
+    accelerator = f"api-{provider}"
+    return WorkerIdentity(
+        accelerator=accelerator,
+        devices=1,
+        memory_gb=0.0,
+        emulated=False,
+        product=f"API forwarder to {provider}",
+        queues=(queue_name(TaskKind.INFERENCE, accelerator, 1, namespace),),
+        concurrency=concurrency or API_CONCURRENCY,
     )
 
 

@@ -14,7 +14,6 @@ import socket
 import uuid
 from typing import Any
 
-import redis
 from celery import signals
 
 from fleet.catalog import Catalog, default_catalog
@@ -22,7 +21,9 @@ from fleet.obs.logs import configure_logging, get_logger
 from fleet.queues import queues_for_worker
 from fleet.registry import Heartbeat, WorkerInfo
 from fleet.settings import Settings, masked
+from fleet.tls import redis_client
 from workers import identity as ident
+from workers import lease, preemption, shutdown
 from workers.detect import Detected, detect
 
 log = get_logger("fleet.worker")
@@ -70,12 +71,28 @@ def start(
     hostname: str | None = None,
     loglevel: str = "INFO",
     metrics_port: int | None = None,
+    api: str | None = None,
 ) -> None:
-    """Run the worker in this process until it is stopped (SIGTERM: warm shutdown)."""
+    """Run the worker in this process until it is stopped (SIGTERM: warm shutdown).
+
+    With ``api`` (a provider), an API worker: a light CPU process whose accelerator is
+    ``api-<provider>``, consuming only ``inference.api-<provider>`` on a threads pool
+    (default 16 threads), forwarding each task to the provider's endpoint.
+
+    Raises:
+        KeyError: an unknown accelerator, or a provider without API offers.
+
+    """
     settings = Settings.from_env()
     catalog = default_catalog()
-    detected = detect()
-    me = resolve_identity(catalog, accelerator, devices, concurrency, settings.namespace, detected)
+    if api is not None:
+        me = ident.api_identity(catalog, api, concurrency, settings.namespace)
+        pool = "solo" if pool == "solo" else "threads"  # I/O-bound: threads, not processes
+    else:
+        detected = detect()
+        me = resolve_identity(
+            catalog, accelerator, devices, concurrency, settings.namespace, detected
+        )
     os.environ[ident.ENV_VAR] = me.to_json()
     node = hostname or f"{me.accelerator}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     configure_logging(loglevel)
@@ -88,10 +105,12 @@ def start(
         emulated=me.emulated,
         note="EMULATED: a CPU process standing in for this accelerator"
         if me.emulated
-        else "real hardware",
+        else ("API forwarder" if api else "real hardware"),
         queues=list(me.queues),
     )
     _register_heartbeat(settings, me, node)
+    stop = shutdown.install()  # SIGTERM: stop consuming, a bounded grace, then requeue
+    preemption.install(stop, node, settings.namespace)  # spot notices drain the same way
     if metrics_port:
         from workers import metrics  # noqa: PLC0415
 
@@ -99,11 +118,15 @@ def start(
 
         @signals.worker_ready.connect(weak=False)
         def _serve_metrics(**_: Any) -> None:  # noqa: ANN401 - Celery signal arguments
-            metrics.serve(metrics_port, me.queues, settings.broker_url, settings.namespace)
+            metrics.serve(
+                metrics_port, me.queues, settings.broker_url, settings.namespace, settings.tls
+            )
             log.info("worker.metrics", url=f"http://127.0.0.1:{metrics_port}/metrics")
 
     from fleet.app import app  # noqa: PLC0415 - after the identity is in the environment
 
+    lease.install(app, settings)  # Redis: extend the leases of the messages this worker holds
+    _check_consumer_timeout(settings, me.queues, app.conf.broker_use_ssl)
     app.worker_main(
         [
             "worker",
@@ -123,6 +146,19 @@ def start(
     )
 
 
+def _check_consumer_timeout(settings: Settings, queues: tuple[str, ...], ssl: object) -> None:
+    """RabbitMQ: warn when the broker's consumer timeout is shorter than our longest task."""
+    if settings.is_redis:
+        return
+    ssl_options = ssl if isinstance(ssl, dict) else None
+    from fleet.app import REDELIVERY_WINDOW_S, TIME_LIMITS  # noqa: PLC0415
+    from fleet.brokercheck import warn_if_consumer_timeout_short  # noqa: PLC0415
+
+    warn_if_consumer_timeout_short(
+        settings, queues, TIME_LIMITS, REDELIVERY_WINDOW_S * 1000, ssl=ssl_options
+    )
+
+
 def _register_heartbeat(settings: Settings, me: ident.WorkerIdentity, node: str) -> None:
     if not settings.is_redis:
         return
@@ -137,7 +173,7 @@ def _register_heartbeat(settings: Settings, me: ident.WorkerIdentity, node: str)
         concurrency=me.concurrency,
         instance_id=os.environ.get("FLEET_INSTANCE_ID"),
     )
-    beat = Heartbeat(redis.Redis.from_url(settings.broker_url), info, settings.namespace)
+    beat = Heartbeat(redis_client(settings.broker_url, settings.tls), info, settings.namespace)
 
     @signals.worker_ready.connect(weak=False)
     def _on_ready(**_: Any) -> None:  # noqa: ANN401 - Celery signal arguments

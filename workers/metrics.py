@@ -16,7 +16,10 @@ import os
 import tempfile
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fleet.tls import TlsFiles
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 DEPTH_INTERVAL_S = 2.0
@@ -75,7 +78,13 @@ def record_task(
         cost.labels(accelerator, kind).observe(cost_usd)
 
 
-def serve(port: int, queues: Sequence[str], broker_url: str, namespace: str) -> threading.Event:
+def serve(
+    port: int,
+    queues: Sequence[str],
+    broker_url: str,
+    namespace: str,
+    tls: TlsFiles | None = None,
+) -> threading.Event:
     """In the worker's main process: serve every process's series, and keep queue depths fresh."""
     from prometheus_client import CollectorRegistry, Gauge, multiprocess, start_http_server  # noqa: PLC0415
 
@@ -92,8 +101,9 @@ def serve(port: int, queues: Sequence[str], broker_url: str, namespace: str) -> 
         import redis  # noqa: PLC0415
 
         from fleet.stats import RedisStats  # noqa: PLC0415
+        from fleet.tls import redis_client  # noqa: PLC0415
 
-        source = RedisStats(redis.Redis.from_url(broker_url), namespace)
+        source = RedisStats(redis_client(broker_url, tls), namespace)
         while not stop.is_set():
             try:
                 for name, s in source.read(queues).items():

@@ -11,24 +11,29 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import structlog
 from celery import Task, signals
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
 from fleet.app import TASK_NAME, app
+from fleet.catalog import default_catalog
+from fleet.catalog.apis import find_api_offer
 from fleet.compat import devices_needed, memory_needed_gb
 from fleet.obs.logs import get_logger
 from fleet.settings import Settings
-from fleet.spec import SpecError, parse_spec
-from workers import identity
+from fleet.spec import SpecError, TaskSpec, check_size, parse_spec
+from workers import identity, once
 from workers import metrics as worker_metrics
 from workers.devices import DeviceLeases
 from workers.handlers import HandlerContext, HandlerError, run_handler
+from workers.intake import GUARDED_STRATEGY
 
 log = get_logger("fleet.task")
 
@@ -65,6 +70,27 @@ class TaskRefusedError(Exception):
     """The worker will not run the message (invalid spec, or more than it can hold)."""
 
 
+class SensitiveTaskError(Exception):
+    """A sensitive task failed; the message names the error type only, never input text."""
+
+
+WITHHELD = "details withheld: sensitive task"
+# Exceptions that steer Celery (retry, time limits) pass through the sensitive wrapper as is.
+_CELERY_CONTROL = (Retry, Ignore, Reject, SoftTimeLimitExceeded)
+
+
+def _refusal_detail(spec: object, exc: SpecError) -> str:
+    """The refusal's message: the SpecError, or for a sensitive spec only the fields' names.
+
+    An error inside ``input`` can name the input's own keys, so a spec marked sensitive
+    (even an otherwise invalid one) gets only top-level field names back.
+    """
+    if not (isinstance(spec, dict) and spec.get("sensitive") is True):
+        return str(exc)
+    fields = sorted({field.split(".", 1)[0] for field, _ in exc.errors if field})
+    return f"{', '.join(fields) or 'spec'} invalid ({WITHHELD})"
+
+
 _leases: DeviceLeases | None = None
 
 
@@ -85,26 +111,41 @@ def _device_leases(devices: int) -> DeviceLeases:
 # resultrepr_maxsize: Celery reprs every return value for its log line, even when that
 # line is not logged; a short cap keeps that cheap (it was a third of a trivial task's
 # time) and keeps task outputs, which may be sensitive, out of worker logs.
-@app.task(name=TASK_NAME, bind=True, resultrepr_maxsize=128)
+# Strategy: a body of the wrong shape is rejected instead of stopping the worker (intake).
+# A dotted path, as Celery expects: a function object would be bound as a method.
+@app.task(name=TASK_NAME, bind=True, resultrepr_maxsize=128, Strategy=GUARDED_STRATEGY)
 def run(
     self: Task[Any, Any], spec: dict[str, Any], placement: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Run one TaskSpec on this worker's accelerator; see the module docstring."""
+    """Run one TaskSpec on this worker's accelerator; see the module docstring.
+
+    At most once to completion per task id, poison tasks dead-lettered: ``workers.once``.
+    """
+    return once.guarded(
+        self, spec, placement, lambda: execute(self, spec, placement), refused=(TaskRefusedError,)
+    )
+
+
+def execute(
+    self: Task[Any, Any], spec: dict[str, Any], placement: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The body of ``fleet.run``, shared with workflow steps (``workers.steps``).
+
+    ``self`` is the running Celery task (its request gives the task id and queue).
+
+    Raises:
+        TaskRefusedError: invalid spec, more than this worker holds, or bad input.
+
+    """
     me = identity.current()
     try:
         task = parse_spec(spec)
+        check_size(task, _settings().max_task_bytes)  # the cap at submit, held here too
     except SpecError as exc:
-        log.warning("task.refused", reason="invalid spec", detail=str(exc)[:500])
-        raise TaskRefusedError(f"invalid spec: {exc}") from None
-    need = memory_needed_gb(task)
-    devices = devices_needed(need, me.memory_gb, me.devices)
-    if devices is None:
-        log.warning(
-            "task.refused", reason="does not fit this worker", need_gb=need, worker=me.label
-        )
-        raise TaskRefusedError(
-            f"needs {need:,.1f} GB; this worker ({me.label}) holds {me.devices} x {me.memory_gb:g} GB"
-        )
+        detail = _refusal_detail(spec, exc)
+        log.warning("task.refused", reason="invalid spec", detail=detail[:500])
+        raise TaskRefusedError(f"invalid spec: {detail}") from None
+    devices = _api_check(task, me.api_provider) if me.api_provider else _fit_check(task, me)
     settings = _settings()
     started = time.time()
     log.info(
@@ -116,7 +157,9 @@ def run(
         estimated_cost_usd=(placement or {}).get("estimated_cost_usd"),
     )
     t0 = time.perf_counter()
-    with _device_leases(me.devices).lease(devices) as leased:
+    # An API worker holds no device: its threads share the endpoint (rate-limited there).
+    leases = nullcontext((0,)) if me.api_provider else _device_leases(me.devices).lease(devices)
+    with leases as leased:
         ctx = HandlerContext(
             task_id=str(self.request.id),
             accelerator=me.accelerator,
@@ -127,7 +170,12 @@ def run(
         try:
             output = run_handler(task, ctx)
         except HandlerError as exc:
-            raise TaskRefusedError(f"bad input: {exc}") from None
+            raise TaskRefusedError(f"bad input: {WITHHELD if task.sensitive else exc}") from None
+        except Exception as exc:
+            if not task.sensitive or isinstance(exc, _CELERY_CONTROL):
+                raise
+            # The original's message and traceback would reach logs and the result store.
+            raise SensitiveTaskError(f"{type(exc).__name__} ({WITHHELD})") from None
     run_s = time.perf_counter() - t0
     delivery = self.request.delivery_info or {}
     submitted = (placement or {}).get("submitted_at")
@@ -153,7 +201,8 @@ def run(
         "task_id": self.request.id,
         "output": output,
         "accelerator": me.accelerator,
-        "emulated": me.emulated,
+        # An API worker is real, but the endpoint it calls may be fleet's emulated one.
+        "emulated": me.emulated or output.get("emulated") is True,
         "worker": self.request.hostname,
         "queue": delivery.get("routing_key"),
         "devices": list(leased),
@@ -161,7 +210,34 @@ def run(
         "run_s": run_s,
         "wait_s": wait_s,
         "estimated_cost_usd": (placement or {}).get("estimated_cost_usd"),
+        # Known after the run only where the work is priced per token (API pools).
+        "actual_cost_usd": output.get("actual_cost_usd"),
+        "tokens": {"in": output.get("tokens_in"), "out": output.get("tokens_out")},
     }
+
+
+def _fit_check(task: TaskSpec, me: identity.WorkerIdentity) -> int:
+    """Devices ``task`` needs on this worker; refuses a task it cannot hold."""
+    need = memory_needed_gb(task)
+    devices = devices_needed(need, me.memory_gb, me.devices)
+    if devices is None:
+        log.warning(
+            "task.refused", reason="does not fit this worker", need_gb=need, worker=me.label
+        )
+        raise TaskRefusedError(
+            f"needs {need:,.1f} GB; this worker ({me.label}) holds {me.devices} x {me.memory_gb:g} GB"
+        )
+    return devices
+
+
+def _api_check(task: TaskSpec, provider: str) -> int:
+    """An API worker holds no model: it refuses a model its provider does not serve."""
+    if find_api_offer(default_catalog(), provider, task.model.name) is None:
+        log.warning("task.refused", reason="model not served", provider=provider)
+        raise TaskRefusedError(
+            f"model {task.model.name!r} is not served by API provider {provider}"
+        )
+    return 1
 
 
 @inspect_command()

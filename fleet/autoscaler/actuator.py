@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from celery import Celery
 
+from fleet.autoscaler.apiactuator import ConcurrencyChange, apply_concurrency, concurrency_changes
 from fleet.autoscaler.config import AutoscalerConfig
 from fleet.autoscaler.model import (
     Instance,
@@ -50,6 +51,7 @@ class ActReport:
     failed: list[ProviderError] = field(default_factory=list)
     draining: list[str] = field(default_factory=list)
     terminated: list[str] = field(default_factory=list)
+    api_changes: list[ConcurrencyChange] = field(default_factory=list)
 
 
 class Actuator:
@@ -71,10 +73,13 @@ class Actuator:
         return [e for e in self.errors if now - e.at <= horizon_s]
 
     def act(self, plan: Plan, snapshot: Snapshot, now: float) -> ActReport:
-        """Launch, start drains, and finish drains that are done."""
+        """Launch, set API workers' concurrency, start drains, and finish drains that are done."""
         report = ActReport()
         for launch in plan.launches:
             self._launch(launch, now, report)
+        report.api_changes = concurrency_changes(plan.api_pools, snapshot.workers)
+        if report.api_changes:  # no broadcast on the (common) loop with nothing to change
+            apply_concurrency(self.app.control, report.api_changes)
         for term in plan.terminations:
             self._pending_terminations[term.instance_id] = term
         self._progress(snapshot, now, report)
@@ -93,7 +98,8 @@ class Actuator:
             devices=launch.devices,
             usd_per_hour=launch.usd_per_hour,
             fleet_name=self.config.fleet_tag,
-            env={"FLEET_NAMESPACE": self.config.fleet.namespace},
+            # FLEET_OFFER: a worker that gets a spot notice records which offer was hit.
+            env={"FLEET_NAMESPACE": self.config.fleet.namespace, "FLEET_OFFER": launch.offer.key},
         )
         result = provider.launch(request, now)
         if result.error is not None:

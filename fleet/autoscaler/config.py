@@ -7,6 +7,8 @@ spend, and how it scales (drain target, idle time before scale-in, cooldowns, ho
 capacity error keeps an offer out). ``local`` pools start real ``fleet worker``
 processes that emulate the accelerator; ``price_as`` names the cloud offer whose price
 and device count they stand in for. ``FLEET_BROKER_URL`` overrides ``fleet.broker_url``.
+``[[api_pools]]`` (``fleet.autoscaler.apipools``) adds token-priced API pools, scaled by
+worker concurrency; declaring any turns on placement to API pools for this fleet.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fleet.autoscaler.apipools import ApiPoolConfig, api_pool_offers, api_pool_problem
 from fleet.catalog import Catalog, Market, Offer, default_catalog
 from fleet.spec import closest_accelerators
 
@@ -157,6 +160,7 @@ class AutoscalerConfig(BaseModel):
     fleet: FleetConfig = FleetConfig()
     providers: ProviderSettings = ProviderSettings()
     pools: tuple[PoolConfig, ...] = ()
+    api_pools: tuple[ApiPoolConfig, ...] = ()
 
     @model_validator(mode="after")
     def _unique(self) -> AutoscalerConfig:
@@ -164,6 +168,17 @@ class AutoscalerConfig(BaseModel):
         dupes = sorted(n for n, c in counts.items() if c > 1)
         if dupes:
             raise ValueError(f"pools: duplicate names {dupes}")
+        providers = Counter(p.provider for p in self.api_pools)
+        dupes = sorted(n for n, c in providers.items() if c > 1)
+        if dupes:
+            raise ValueError(f"api_pools: duplicate providers {dupes}")
+        names = {p.name for p in self.pools}
+        for i, api in enumerate(self.api_pools):
+            if api.overflow_pool is not None and api.overflow_pool not in names:
+                raise ValueError(
+                    f"api_pools[{i}].overflow_pool: no pool {api.overflow_pool!r}"
+                    f" (pools: {', '.join(sorted(names))})"
+                )
         return self
 
     @property
@@ -214,6 +229,11 @@ def parse_config(
         f"pools[{i}]: {why}"
         for i, p in enumerate(config.pools)
         if (why := _offer_problem(p, default_catalog()))
+    ]
+    problems += [
+        f"api_pools[{i}]: {why}"
+        for i, p in enumerate(config.api_pools)
+        if (why := api_pool_problem(p, default_catalog()))
     ]
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
@@ -293,6 +313,8 @@ def catalog_for_pools(catalog: Catalog, config: AutoscalerConfig) -> Catalog:
 
     Placement on this catalog only chooses accelerators the fleet has capacity for (the
     simulator does this; ``Fleet(config=...)`` and ``FLEET_CONFIG`` do it for clients).
+    Its API offers are those of the config's ``[[api_pools]]`` (declared self-hosted
+    endpoints included, pool overrides applied), and it routes to them iff there are any.
     """
     keep = {
         (p.offer.cloud, p.offer.region, p.offer.instance_type)
@@ -303,4 +325,7 @@ def catalog_for_pools(catalog: Catalog, config: AutoscalerConfig) -> Catalog:
     by_family = {
         name: tuple(o for o in offers if o.accelerator == name) for name in catalog.families
     }
-    return Catalog(catalog.version, catalog.families, offers, by_family)
+    apis = tuple(o for pool in config.api_pools for o in api_pool_offers(pool, catalog))
+    return Catalog(
+        catalog.version, catalog.families, offers, by_family, apis=apis, route_apis=bool(apis)
+    )

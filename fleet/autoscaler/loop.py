@@ -29,6 +29,7 @@ from fleet.autoscaler.planner import plan as make_plan
 from fleet.catalog import Catalog
 from fleet.providers.base import Provider
 from fleet.settings import Settings, is_redis_url
+from fleet.tls import redis_client
 
 log = logging.getLogger("fleet.autoscaler")
 
@@ -210,7 +211,7 @@ def lease_for(config: AutoscalerConfig, settings: Settings, lock_url: str | None
         raise ValueError(
             "the broker is not Redis: set FLEET_LOCK_URL to a Redis for the autoscaler lease"
         )
-    return Lease(redis.Redis.from_url(url), config.fleet.lock_ttl_s, settings.namespace)
+    return Lease(redis_client(url, settings.tls), config.fleet.lock_ttl_s, settings.namespace)
 
 
 def build_autoscaler(

@@ -86,6 +86,22 @@ class ProviderError:
 
 
 @dataclass(frozen=True, slots=True)
+class Interruption:
+    """A spot interruption notice a worker on ``instance_id`` saw at ``at`` (passive).
+
+    ``offer`` is the interrupted offer (from the provider's listing of the instance, or
+    what the worker recorded); ``pool`` is empty when the instance was no longer listed.
+    The planner keeps that offer out, like one with a capacity error, for the back-off.
+    """
+
+    instance_id: str | None
+    offer: OfferRef
+    at: float
+    pool: str = ""
+    hostname: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class QueueObservation:
     """One queue: ready messages, delivered-but-unacked ones, consumers."""
 
@@ -108,6 +124,7 @@ class WorkerObservation:
     instance_id: str | None
     active: int = 0
     queues: tuple[str, ...] = ()
+    concurrency: int = 0  # pool processes/threads when known (API workers); 0: unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +146,7 @@ class Snapshot:
     workers: tuple[WorkerObservation, ...] = ()
     errors: tuple[ProviderError, ...] = ()
     history: dict[str, PoolHistory] = field(default_factory=dict)
+    interruptions: tuple[Interruption, ...] = ()  # recent spot notices (workers.preemption)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``fleet plan --snapshot FILE`` reads it back)."""
@@ -181,12 +199,33 @@ class Unsatisfiable:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiPoolDecision:
+    """The plan for one token-priced API pool: worker concurrency, not instances.
+
+    ``absorbed`` tasks drain within the pool's drain target under its rate limit;
+    ``overflow`` ones do not, and count as demand on ``overflow_pool`` when one is set.
+    """
+
+    provider: str
+    queue: str
+    tasks: int
+    current_concurrency: int
+    desired_concurrency: int
+    calls_per_min_limit: float
+    absorbed: int
+    overflow: int
+    overflow_pool: str | None
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """A plan: per-pool decisions plus demand nobody can serve."""
 
     at: float
     decisions: tuple[PoolDecision, ...]
     unsatisfiable: tuple[Unsatisfiable, ...] = ()
+    api_pools: tuple[ApiPoolDecision, ...] = ()
 
     @property
     def launches(self) -> tuple[Launch, ...]:

@@ -3,13 +3,15 @@
 It reads queue depths (Redis: ready by priority band and unacked; RabbitMQ: ready and
 consumers), peeks at the head of each Redis queue to estimate the run time of what is
 waiting with the catalog's throughput model, lists live workers (the Redis registry, or
-Celery's remote control on RabbitMQ), and asks every provider for the instances that
-carry our tag. What the loop remembers (draining instances, recent provider errors, pool
-history) comes in as arguments.
+Celery's remote control on RabbitMQ), asks every provider for the instances that carry
+our tag, and reads the spot interruptions workers recorded (``fleet.registry``, in the
+state store of ``fleet.execution.state_url``). What the loop remembers (draining
+instances, recent provider errors, pool history) comes in as arguments.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -20,6 +22,8 @@ from celery import Celery
 from fleet.autoscaler.model import (
     Instance,
     InstanceState,
+    Interruption,
+    OfferRef,
     PoolHistory,
     ProviderError,
     QueueObservation,
@@ -27,13 +31,15 @@ from fleet.autoscaler.model import (
     WorkerObservation,
 )
 from fleet.catalog import Catalog
+from fleet.execution import state_url
 from fleet.providers.base import Provider
 from fleet.queues import REDIS_PRIORITY_STEPS, all_queue_names, parse_queue
-from fleet.registry import live_workers
+from fleet.registry import InterruptionRecord, live_workers, recent_interruptions
 from fleet.settings import Settings
 from fleet.spec import SpecError, parse_spec
 from fleet.stats import AmqpStats, QueueStats, RedisStats, decode_task
 from fleet.throughput import estimate
+from fleet.tls import redis_client
 
 SAMPLE = 20
 INSPECT_TIMEOUT_S = 1.0
@@ -81,14 +87,14 @@ def _queue_stats(
     settings: Settings, names: Sequence[str], app: Celery
 ) -> tuple[dict[str, QueueStats], list[WorkerObservation]]:
     if settings.is_redis:
-        client = redis.Redis.from_url(settings.broker_url)
+        client = redis_client(settings.broker_url, settings.tls)
         stats = RedisStats(client, settings.namespace).read(names)
         workers = [
             WorkerObservation(w.hostname, w.accelerator, w.instance_id, 0, w.queues)
             for w in live_workers(client, settings.namespace)
         ]
         return stats, workers
-    stats = AmqpStats(settings.broker_url).read(names)
+    stats = AmqpStats(settings.broker_url, settings.tls).read(names)
     inspect = app.control.inspect(timeout=INSPECT_TIMEOUT_S)
     replies: Any = inspect._request("fleet_identity") or {}  # noqa: SLF001 - Celery's way to call a custom inspect command
     workers = [
@@ -122,7 +128,7 @@ def observe(
     """
     names = all_queue_names(catalog, settings.namespace)
     stats, workers = _queue_stats(settings, names, app)
-    client = redis.Redis.from_url(settings.broker_url) if settings.is_redis else None
+    client = redis_client(settings.broker_url, settings.tls) if settings.is_redis else None
     queues: dict[str, QueueObservation] = {}
     for name, s in stats.items():
         sample = None
@@ -147,4 +153,38 @@ def observe(
         workers=tuple(workers),
         errors=tuple(found_errors),
         history=dict(history or {}),
+        interruptions=map_interruptions(_interruption_records(settings), instances),
     )
+
+
+def map_interruptions(
+    records: Iterable[InterruptionRecord], instances: Iterable[Instance]
+) -> tuple[Interruption, ...]:
+    """The offer (and pool) each recorded spot interruption hit (pure).
+
+    The provider's listing of the instance is trusted first; an instance no longer
+    listed keeps the offer its worker recorded (``FLEET_OFFER``); a record with neither
+    is dropped, since there is no offer to avoid.
+    """
+    by_id = {i.id: i for i in instances}
+    out = []
+    for r in records:
+        inst = by_id.get(r.instance_id) if r.instance_id else None
+        if inst is not None:
+            out.append(Interruption(r.instance_id, inst.offer, r.at, inst.pool, r.hostname))
+            continue
+        parts = (r.offer or "").split("/")
+        if len(parts) == len(("cloud", "region", "instance_type", "market")) and all(parts):
+            out.append(Interruption(r.instance_id, OfferRef(*parts), r.at, "", r.hostname))
+    return tuple(sorted(out, key=lambda i: (i.at, i.offer.key)))
+
+
+def _interruption_records(settings: Settings) -> list[InterruptionRecord]:
+    """Spot interruptions workers recorded in the state store (none without one)."""
+    url = state_url(os.environ, settings.broker_url)
+    if url is None:
+        return []
+    try:
+        return recent_interruptions(redis_client(url, settings.tls), settings.namespace)
+    except redis.RedisError:
+        return []  # the store may be restarting; the next loop sees them

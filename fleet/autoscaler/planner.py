@@ -29,7 +29,8 @@ Contract:
    pool never scaled out): up to ``desired - current`` launches of one offer, the one
    ``choose_offer`` picks for the pool's largest assigned tier (1 with no work): in the
    pool's market order (spot first), skipping offers with a CAPACITY, QUOTA or
-   UNSUPPORTED error for this pool less than ``capacity_backoff_s`` ago and offers too
+   UNSUPPORTED error for this pool, or a spot interruption of that offer in any pool
+   (``Snapshot.interruptions``), less than ``capacity_backoff_s`` ago, and offers too
    small, the lowest USD per device in the first market that has one. Each launch must
    keep the pool's spend (every instance it still has, plus launches) within its budget
    and the fleet's spend (every instance) within ``fleet.budget_usd_per_hour``; at most
@@ -49,6 +50,11 @@ Contract:
 7. **Output.** One ``PoolDecision`` per configured pool plus one per orphan pool, sorted
    by name; ``usd_per_hour_before`` sums the pool's instances that are not TERMINATING,
    ``after = before + launches - terminations``. ``Unsatisfiable`` sorted by queue.
+8. **API pools** (``[[api_pools]]``, ``fleet.autoscaler.apiplan``): their queues
+   (``inference.api-<provider>``) are not instance demand. Each gets an
+   ``ApiPoolDecision`` (desired worker concurrency within its rate limit); only the
+   backlog its rate limit cannot drain within its drain target becomes demand, for its
+   ``overflow_pool``'s accelerator. ``Plan.api_pools`` is sorted by provider.
 
 Cost: linear in pools + queues + instances + errors (plus sorts); ``pool_offers`` runs
 once per pool per call.
@@ -60,6 +66,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from fleet.autoscaler.apiplan import plan_api_pools, split_api_demands
 from fleet.autoscaler.config import (
     AutoscalerConfig,
     FleetConfig,
@@ -81,6 +88,7 @@ from fleet.autoscaler.model import (
     ErrorKind,
     Instance,
     InstanceState,
+    Interruption,
     Launch,
     Plan,
     PoolDecision,
@@ -118,15 +126,20 @@ def plan(snapshot: Snapshot, config: AutoscalerConfig, catalog: Catalog, now: fl
     for inst in snapshot.instances:
         by_pool[inst.pool].append(inst)
     confirmed = frozenset(w.instance_id for w in snapshot.workers if w.instance_id)
-    blocked = _blocked_offers(snapshot.errors, config, now)
+    blocked = _blocked_offers(snapshot.errors, config, now, snapshot.interruptions)
     drafts: list[_Draft] = []
     by_acc: dict[str, list[PoolView]] = defaultdict(list)
     for pool in sorted(config.pools, key=lambda p: p.name):
         draft = _draft(pool, by_pool.get(pool.name, []), catalog, blocked, confirmed, fleet, now)
         by_acc[pool.accelerator].append(draft.view)
         drafts.append(draft)
-    demands = parse_demands(snapshot.queues, fleet.namespace)
-    unsatisfiable = assign(demands, by_acc, catalog)
+    demands, api_demands = split_api_demands(parse_demands(snapshot.queues, fleet.namespace))
+    api_decisions, overflow, api_unserved = plan_api_pools(
+        api_demands, config, catalog, snapshot.workers
+    )
+    demands += overflow
+    unsatisfiable = assign(demands, by_acc, catalog) + api_unserved
+    unsatisfiable.sort(key=lambda u: u.queue)
     busy = busy_tiers(demands, catalog)
     for draft in drafts:
         tier = busy.get(draft.view.pool.accelerator)
@@ -137,7 +150,12 @@ def plan(snapshot: Snapshot, config: AutoscalerConfig, catalog: Catalog, now: fl
     configured = {p.name for p in config.pools}
     decisions += [_orphan(name, insts) for name, insts in by_pool.items() if name not in configured]
     decisions.sort(key=lambda d: d.pool)
-    return Plan(at=now, decisions=tuple(decisions), unsatisfiable=tuple(unsatisfiable))
+    return Plan(
+        at=now,
+        decisions=tuple(decisions),
+        unsatisfiable=tuple(unsatisfiable),
+        api_pools=api_decisions,
+    )
 
 
 def busy_pools(snapshot: Snapshot, config: AutoscalerConfig, catalog: Catalog) -> frozenset[str]:
@@ -360,11 +378,23 @@ def _backlog_reason(view: PoolView, cur: int, desired: int) -> str:
 
 
 def _blocked_offers(
-    errors: tuple[ProviderError, ...], config: AutoscalerConfig, now: float
+    errors: tuple[ProviderError, ...],
+    config: AutoscalerConfig,
+    now: float,
+    interruptions: tuple[Interruption, ...] = (),
 ) -> dict[str, set[str]]:
-    """``{pool: offer keys}`` with a capacity-like error within the pool's backoff."""
+    """``{pool: offer keys}`` with a capacity-like error or a spot interruption within the backoff.
+
+    An interruption blocks its offer in every pool (spot capacity of that instance type
+    in that region is being reclaimed, whichever pool bought it), each for its own
+    ``capacity_backoff_s``.
+    """
     backoff = {p.name: p.capacity_backoff_s for p in config.pools}
     out: dict[str, set[str]] = defaultdict(set)
+    for i in interruptions:
+        for pool, pool_window in backoff.items():
+            if now - i.at < pool_window:
+                out[pool].add(i.offer.key)
     for e in errors:
         window = backoff.get(e.pool)
         if (

@@ -10,6 +10,7 @@ from fleet.autoscaler.model import (
     ErrorKind,
     Instance,
     InstanceState,
+    Interruption,
     OfferRef,
     PoolHistory,
     ProviderError,
@@ -56,6 +57,10 @@ def snapshot_from_dict(data: dict[str, Any]) -> Snapshot:
                 for e in data.get("errors", ())
             ),
             history={k: PoolHistory(**v) for k, v in data.get("history", {}).items()},
+            interruptions=tuple(
+                Interruption(**{**i, "offer": OfferRef(**i["offer"])})
+                for i in data.get("interruptions", ())
+            ),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not a fleet snapshot: {exc}") from None

@@ -29,6 +29,7 @@ from fleet.queues import all_queue_names
 from fleet.registry import WorkerInfo, live_workers
 from fleet.settings import Settings
 from fleet.stats import AmqpStats, RedisStats, StatsSource, oldest_age_s
+from fleet.tls import redis_client
 
 __all__ = ["refresh", "run_exporter", "sources_for"]
 
@@ -72,10 +73,10 @@ def refresh(
 def sources_for(settings: Settings) -> tuple[StatsSource, WorkersSource | None]:
     """The queue-statistics source and live-worker reader for ``settings``' broker."""
     if settings.is_redis:
-        client = redis.Redis.from_url(settings.broker_url)
+        client = redis_client(settings.broker_url, settings.tls)
         namespace = settings.namespace
         return RedisStats(client, namespace), lambda: live_workers(client, namespace)
-    return AmqpStats(settings.broker_url), None
+    return AmqpStats(settings.broker_url, settings.tls), None
 
 
 def run_exporter(

@@ -20,6 +20,12 @@ instance's device capacity while it runs (a batching server overlaps generation 
 compute-bound work occupies whole devices). Queues are FIFO. Spot instances are
 interrupted at ``spot_interruptions_per_hour`` (a Poisson process); their running tasks go
 back to the head of their queue.
+
+API pools (the config's ``[[api_pools]]``; ``api_pools=False`` leaves them out): a task
+placement sends to ``inference.api-<provider>`` is a call on that provider's
+``fleet.sim.apipools.SimApiPool``: no boot, no idle cost, the tokens at list price, the
+offer's latency, and queueing only behind the provider's rate limit. The autoscaler's
+overflow demand from API pools is not simulated (their queues never reach the planner).
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ from fleet.autoscaler.model import (
 from fleet.autoscaler.planner import busy_pools, plan
 from fleet.catalog import Catalog, Offer
 from fleet.compat import devices_needed, memory_needed_gb
-from fleet.placement import NoPlacementError, Policy, QueueLoad, place
-from fleet.queues import all_queue_names, parse_queue
+from fleet.placement import NoPlacementError, Placement, Policy, QueueLoad, place
+from fleet.queues import all_queue_names, parse_queue, queue_name
+from fleet.sim.apipools import SimApiPool
 from fleet.sim.trace import TraceEvent
 from fleet.spec import TaskSpec
 from fleet.throughput import estimate
@@ -112,6 +119,8 @@ class SimResult:
     placements: dict[int, str]
     instances_launched: int
     end_s: float
+    api_cost_usd: float = 0.0
+    api_calls: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``fleet simulate --json``); placements left out for size."""
@@ -148,14 +157,21 @@ class Simulation:
         keda_cooldown_s: float = 300.0,
         keda_max: int = 100,
         boot_s: float | None = None,
+        api_pools: bool = True,
     ) -> None:
-        """Prepare a run; ``policy`` is one of ``POLICIES``."""
+        """Prepare a run; ``policy`` is one of ``POLICIES``; ``api_pools`` False ignores ``[[api_pools]]``."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
+        if not api_pools:
+            config = config.model_copy(update={"api_pools": ()})
         self.policy = policy
         self.config = config
         self.catalog = catalog
         self.placement_catalog = catalog_for_pools(catalog, config)
+        by_provider: dict[str, list[Any]] = {}
+        for o in self.placement_catalog.apis:
+            by_provider.setdefault(o.provider, []).append(o)
+        self.api = {p: SimApiPool.for_offers(p, offers) for p, offers in by_provider.items()}
         self.all_queues = all_queue_names(self.placement_catalog)
         self.tasks = [SimTask(i, e.spec, e.t) for i, e in enumerate(trace)]
         self.rng = random.Random(seed)
@@ -199,6 +215,8 @@ class Simulation:
                 self._finish(*payload)
             elif kind == "interrupt":
                 self._interrupt(payload)
+            elif kind == "api_done":
+                payload.end = t
             elif kind == "tick":
                 self._tick()
                 if not self._settled(last_arrival):
@@ -236,7 +254,23 @@ class Simulation:
                 task.rejected = str(exc)[:200]
                 return
             task.queue, task.devices = placement.queue, placement.devices
+            if placement.api is not None:
+                self._call_api(task, placement)
+                return
         self.queues.setdefault(task.queue, deque()).append(task)
+
+    def _call_api(self, task: SimTask, placement: Placement) -> None:
+        offer = placement.api
+        assert offer is not None  # noqa: S101 - the caller checked
+        try:
+            call = self.api[offer.provider].submit(
+                offer, self.now, task.spec.tokens_in, task.spec.tokens_out
+            )
+        except ValueError as exc:
+            task.rejected = str(exc)[:200]
+            return
+        task.start, task.service_s = call.start, call.end - call.start
+        self._push(call.end, "api_done", task)
 
     def _loads(self) -> dict[str, QueueLoad]:
         consumers: dict[str, int] = {}
@@ -247,9 +281,12 @@ class Simulation:
                         consumers[q] = consumers.get(q, 0) + 1
         # Every queue placement can choose, as the live stats cache reads them: an empty,
         # unserved queue is cold, not unknown.
-        return {
+        loads = {
             q: QueueLoad(len(self.queues.get(q, ())), consumers.get(q, 0)) for q in self.all_queues
         }
+        for provider, pool in self.api.items():  # API workers are always up; the limit queues
+            loads[queue_name("inference", f"api-{provider}")] = QueueLoad(pool.waiting(self.now), 1)
+        return loads
 
     def _serves(self, inst: SimInstance, queue: str) -> bool:
         if self.policy == "homogeneous":
@@ -471,6 +508,8 @@ class Simulation:
             and (t.spec.slo.deadline_s is None or t.end - t.arrival <= t.spec.slo.deadline_s)
         )
         n = len(self.tasks)
+        api_cost = sum(pool.cost_usd for pool in self.api.values())
+        cost += api_cost
         return SimResult(
             policy=self.policy,
             total_cost_usd=cost,
@@ -485,6 +524,8 @@ class Simulation:
             placements={t.idx: t.queue for t in self.tasks if t.queue},
             instances_launched=len(self.instances),
             end_s=end,
+            api_cost_usd=api_cost,
+            api_calls=sum(len(pool.calls) for pool in self.api.values()),
         )
 
 

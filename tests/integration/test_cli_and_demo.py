@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,14 @@ def test_demo_runs_end_to_end_on_its_own_redis() -> None:
     assert "nvidia-h200.x8" in out.stdout
     assert "cheaper" in out.stdout
     assert "queues still holding work: 0" in out.stdout
+    # The multi-agent workflow: steps placed one by one, one of them on an API pool
+    # served by the EMULATED OpenAI-compatible server, at least three families in all.
+    assert "workflow incident-triage" in out.stdout
+    assert "EMULATED OpenAI-compatible" in " ".join(out.stdout.split())
+    assert "api-groq (emulated)" in out.stdout
+    families = re.search(r"workflow done on (\d+) accelerator families", out.stdout)
+    assert families is not None, out.stdout[-3000:]
+    assert int(families[1]) >= 3
     # The autoscaling phase: local pools scale from zero and back to zero.
     assert "local-l4: 0 ->" in out.stdout
     assert "-> 0 instances" in out.stdout

@@ -60,7 +60,10 @@ def test_worker_logs_are_structured_and_carry_the_task_id(tmp_path: Path) -> Non
     assert finished["accelerator"] == "nvidia-l4"
     failed = next(e for e in lines if e.get("event") == "task.failed")
     assert failed["task_id"] == bad.id
-    assert failed["error"] == "TaskRefusedError"
+    # A refused task is dead-lettered at once; the event names the queue and the reason.
+    assert failed["error"] == "DeadLetteredError"
+    assert "reason refused" in failed["detail"]
+    assert "invalid spec" in failed["detail"]
     sub = next(e for e in submitted if e["event"] == "task.submitted")
     assert sub["queue"] == "embedding.nvidia-l4"
     assert sub["reasons"]

@@ -9,6 +9,9 @@ Contract:
 * Bad input raises ``HandlerError``; its message starts with the field at fault
   (``input.texts: expected a list of strings``). The task fails, the worker lives
   on. Any other exception escaping a handler is a bug.
+* On an API worker (accelerator ``api-<provider>``) every task goes to ``api.handle``,
+  which forwards it to the provider's endpoint; an endpoint that keeps failing raises
+  ``workers.apiclient.ApiCallError`` (retried later by the task's guard).
 * Input is inline only: a spec that gives ``input_uri`` is refused. Unknown keys in
   ``input`` are refused too, so that a misspelt option never passes silently.
 * Importing this package is cheap: it loads neither numpy nor the handler modules;
@@ -66,6 +69,11 @@ BATCH_OPS: dict[str, tuple[str, str]] = {
     "echo": ("batch", "echo"),
     "embed": ("embedding", "handle_batch"),
     "noop": ("batch", "noop"),
+    "sleep": ("batch", "sleep"),
+    # Fault-test ops (fail and crash only with FLEET_FAULT_OPS=1): workers.handlers.faultops
+    "journal": ("faultops", "journal"),
+    "fail": ("faultops", "fail"),
+    "crash": ("faultops", "crash"),
 }
 
 
@@ -100,7 +108,10 @@ def run_handler(spec: TaskSpec, ctx: HandlerContext) -> dict[str, JsonValue]:
     if spec.input_uri is not None:
         raise HandlerError("input_uri: the CPU reference handlers take inline input only")
     kind = spec.kind.value
-    route = _batch_route(spec.input) if kind == "batch" else _ROUTES.get(kind)
+    if ctx.accelerator.startswith("api-"):  # an API worker forwards to its provider
+        route: tuple[str, str] | None = ("api", "handle")
+    else:
+        route = _batch_route(spec.input) if kind == "batch" else _ROUTES.get(kind)
     if route is None:
         raise HandlerError(f"kind: no CPU reference handler for {kind!r}")
     body = _resolve(*route)(spec, ctx)

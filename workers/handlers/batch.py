@@ -6,13 +6,16 @@
 
 * ``{"op": "echo", "payload": <any JSON>}`` returns ``{"payload": <the same>}``.
 * ``{"op": "noop"}`` returns no outputs.
+* ``{"op": "sleep", "seconds": S}`` waits S seconds (0 to 3600) and returns ``{"slept_s": S}``:
+  test and operations tooling, a stand-in for a long task (shutdown and preemption tests).
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
-from workers.handlers import HandlerError, input_object
+from workers.handlers import HandlerError, get_float, input_object
 
 if TYPE_CHECKING:
     from pydantic import JsonValue
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
 
 ENGINE_ECHO = "cpu-reference:echo-v1"
 ENGINE_NOOP = "cpu-reference:noop-v1"
+ENGINE_SLEEP = "cpu-reference:sleep-v1"
+MAX_SLEEP_S = 3600.0
 _NOOP: dict[str, JsonValue] = {"engine": ENGINE_NOOP, "tokens_in": 0, "tokens_out": 0}
 
 
@@ -39,3 +44,10 @@ def noop(spec: TaskSpec, _ctx: HandlerContext) -> dict[str, JsonValue]:
     if not isinstance(data, dict) or len(data) != 1:
         input_object(spec, ("op",))  # raises, naming the extra field
     return dict(_NOOP)
+
+
+def sleep(spec: TaskSpec, _ctx: HandlerContext) -> dict[str, JsonValue]:
+    """Wait ``input.seconds`` (test and operations tooling: a long task that does nothing)."""
+    seconds = get_float(input_object(spec, ("op", "seconds")), "seconds", 1.0, 0.0, MAX_SLEEP_S)
+    time.sleep(seconds)
+    return {"engine": ENGINE_SLEEP, "tokens_in": 0, "tokens_out": 0, "slept_s": seconds}
