@@ -108,9 +108,9 @@ def show(task_id: str, as_json: bool) -> None:  # noqa: FBT001 - click passes fl
     queue = _queue()
     entry = _broker_call(queue, lambda: queue.find(task_id))
     if as_json:
-        click.echo(json.dumps(entry.to_dict(), indent=2))
+        click.echo(json.dumps(entry.shown(), indent=2))
         return
-    for key, value in entry.to_dict().items():
+    for key, value in entry.shown().items():
         shown = json.dumps(value) if isinstance(value, dict) else str(value)
         if key == "dead_lettered_at":
             shown = _when(entry.dead_lettered_at)

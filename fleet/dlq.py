@@ -58,6 +58,8 @@ _SECRET_PAIR = re.compile(
     r"((?:password|passwd|secret|token|api_key|apikey|authorization)\s*[=:]\s*)\S+", re.IGNORECASE
 )
 
+SENSITIVE_WITHHELD = "<withheld: sensitive task>"
+
 
 def dead_letter_queue(namespace: str = "") -> str:
     """The dead-letter queue's name."""
@@ -117,8 +119,19 @@ class DeadLetter:
         return cls(task_id, spec, placement, queue, reason, redact(error), attempts, now, worker)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+        """JSON-ready form (the wire format: complete, so a requeue can run the task)."""
         return asdict(self)
+
+    def shown(self) -> dict[str, Any]:
+        """What ``fleet dlq show`` prints: ``to_dict()`` with a sensitive spec's input withheld.
+
+        The entry keeps the input so a requeue can run the task; an operator's screen does not
+        need it (spec ``sensitive: true``, see ``fleet.spec``).
+        """
+        data = self.to_dict()
+        if self.spec.get("sensitive") is True:
+            data["spec"] = {**self.spec, "input": SENSITIVE_WITHHELD}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeadLetter:

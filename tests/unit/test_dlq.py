@@ -35,6 +35,15 @@ def test_entry_round_trips_through_json():
     assert DeadLetter.from_dict(json.loads(json.dumps(e.to_dict()))) == e
 
 
+def test_a_sensitive_input_is_kept_for_requeue_but_never_shown():
+    """`fleet dlq show` prints a sensitive spec without its input; the wire entry keeps it."""
+    secret = {"prompt": "s3cr3t-payload"}
+    e = entry(spec={**SPEC, "input": secret, "sensitive": True})
+    assert e.to_dict()["spec"]["input"] == secret
+    assert "s3cr3t" not in json.dumps(e.shown())
+    assert "s3cr3t" in json.dumps(entry(spec={**SPEC, "input": secret}).shown())
+
+
 def test_entry_keeps_what_an_operator_needs():
     """Task id, spec, placement, original queue, reason, error, attempts and time are all there."""
     data = entry().to_dict()
