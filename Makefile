@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 CONFIG ?= infra/fleet.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format typecheck test test-unit test-integration test-faults check demo bench worker status catalog route autoscale plan scale drain simulate trace flower exporter config-check clean
+.PHONY: help install lint format typecheck test test-unit test-integration test-faults check demo bench worker status catalog route workflow dlq api-server autoscale plan scale drain simulate trace flower exporter config-check clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -62,6 +62,15 @@ catalog: $(STAMP) ## Accelerators and priced offers
 
 route: $(STAMP) ## Where a spec would run: make route SPEC=examples/llama-8b-chat.json
 	$(BIN)/fleet route $(SPEC)
+
+workflow: $(STAMP) ## Run a workflow and wait: make workflow WORKFLOW=examples/review-workflow.yaml [WAIT=120]; DRY=1 only places its steps
+	$(if $(DRY),$(BIN)/fleet route --workflow $(WORKFLOW),$(BIN)/fleet submit --workflow $(WORKFLOW) --wait $(or $(WAIT),120))
+
+dlq: $(STAMP) ## Dead-lettered tasks: make dlq [ID=task-id] (fleet dlq requeue ID to resubmit)
+	$(BIN)/fleet dlq $(if $(ID),show $(ID),list)
+
+api-server: $(STAMP) ## An EMULATED OpenAI-compatible endpoint for trying API workers: make api-server [PORT=8099]
+	$(BIN)/python -m fleet.emulated.openai_server --port $(or $(PORT),8099)
 
 autoscale: $(STAMP) ## Run the autoscaler on CONFIG (default infra/fleet.toml); ONCE=1 for one pass, DRY=1 to change nothing
 	$(BIN)/fleet autoscale --config $(CONFIG) $(if $(ONCE),--once) $(if $(DRY),--dry-run)

@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         **celery_tls_conf(settings.broker_url, settings.result_backend, settings.tls),
         result_expires=24 * 3600,
         worker_hijack_root_logger=False,
-        include=["workers.tasks", "workers.steps"],
+        include=["workers.tasks", "workers.steps", "workers.apicontrol"],
     )
     app.conf.fleet_namespace = settings.namespace
     signing = SigningFiles.from_env()  # FLEET_SIGNING_*: sign and accept only signed messages

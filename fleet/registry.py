@@ -30,7 +30,7 @@ class WorkerInfo:
     queues: tuple[str, ...]
     pid: int
     product: str = ""
-    concurrency: int = 1
+    concurrency: int = 1  # pool size; an API worker's in-flight limit (workers.apicontrol)
     instance_id: str | None = None  # the provider instance it runs on (FLEET_INSTANCE_ID)
 
     @classmethod
@@ -83,15 +83,30 @@ class Heartbeat:
         self._info = info
         self._namespace = namespace
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by ``update`` and ``stop``: beat now
         self._thread = threading.Thread(target=self._run, name="fleet-heartbeat", daemon=True)
+
+    @property
+    def info(self) -> WorkerInfo:
+        """What the worker says of itself now."""
+        return self._info
 
     def start(self) -> None:
         """Register now and keep refreshing."""
         register(self._client, self._info, self._namespace)
         self._thread.start()
 
+    def update(self, info: WorkerInfo) -> None:
+        """Say ``info`` from now on; written on the heartbeat's thread at once (never blocks)."""
+        self._info = info
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while True:
+            self._wake.wait(HEARTBEAT_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 register(self._client, self._info, self._namespace)
             except redis.RedisError:
@@ -100,6 +115,7 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop refreshing and remove the entry."""
         self._stop.set()
+        self._wake.set()
         try:
             unregister(self._client, self._info.hostname, self._namespace)
         except redis.RedisError:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from celery import signals
@@ -22,8 +24,8 @@ from fleet.queues import queues_for_worker
 from fleet.registry import Heartbeat, WorkerInfo
 from fleet.settings import Settings, masked
 from fleet.tls import redis_client
+from workers import apicontrol, lease, preemption, shutdown
 from workers import identity as ident
-from workers import lease, preemption, shutdown
 from workers.detect import Detected, detect
 
 log = get_logger("fleet.worker")
@@ -108,7 +110,7 @@ def start(
         else ("API forwarder" if api else "real hardware"),
         queues=list(me.queues),
     )
-    _register_heartbeat(settings, me, node)
+    beat = _register_heartbeat(settings, me, node)
     stop = shutdown.install()  # SIGTERM: stop consuming, a bounded grace, then requeue
     preemption.install(stop, node, settings.namespace)  # spot notices drain the same way
     if metrics_port:
@@ -126,6 +128,8 @@ def start(
     from fleet.app import app  # noqa: PLC0415 - after the identity is in the environment
 
     lease.install(app, settings)  # Redis: extend the leases of the messages this worker holds
+    if api is not None:  # the autoscaler sets its in-flight limit (fleet_api_concurrency)
+        apicontrol.install(app, None if beat is None else _report_limit(beat))
     _check_consumer_timeout(settings, me.queues, app.conf.broker_use_ssl)
     app.worker_main(
         [
@@ -159,9 +163,20 @@ def _check_consumer_timeout(settings: Settings, queues: tuple[str, ...], ssl: ob
     )
 
 
-def _register_heartbeat(settings: Settings, me: ident.WorkerIdentity, node: str) -> None:
+def _report_limit(beat: Heartbeat) -> Callable[[int], None]:
+    """A callback putting an API worker's new in-flight limit in its registry entry."""
+
+    def report(limit: int) -> None:
+        beat.update(replace(beat.info, concurrency=limit))
+
+    return report
+
+
+def _register_heartbeat(
+    settings: Settings, me: ident.WorkerIdentity, node: str
+) -> Heartbeat | None:
     if not settings.is_redis:
-        return
+        return None
     info = WorkerInfo(
         hostname=node,
         accelerator=me.accelerator,
@@ -182,3 +197,5 @@ def _register_heartbeat(settings: Settings, me: ident.WorkerIdentity, node: str)
     @signals.worker_shutdown.connect(weak=False)
     def _on_shutdown(**_: Any) -> None:  # noqa: ANN401 - Celery signal arguments
         beat.stop()
+
+    return beat

@@ -29,7 +29,7 @@ from fleet.compat import devices_needed, memory_needed_gb
 from fleet.obs.logs import get_logger
 from fleet.settings import Settings
 from fleet.spec import SpecError, TaskSpec, check_size, parse_spec
-from workers import identity, once
+from workers import apicontrol, identity, once
 from workers import metrics as worker_metrics
 from workers.devices import DeviceLeases
 from workers.handlers import HandlerContext, HandlerError, run_handler
@@ -250,7 +250,8 @@ def fleet_identity(state: Any, **_: Any) -> dict[str, Any]:  # noqa: ANN401, ARG
         "emulated": me.emulated,
         "product": me.product,
         "queues": list(me.queues),
-        "concurrency": me.concurrency,
+        # An API worker's in-flight limit (``workers.apicontrol``); else the pool size.
+        "concurrency": apicontrol.current_limit(me),
         "instance_id": os.environ.get("FLEET_INSTANCE_ID"),
         "active": len(worker_state.active_requests),
     }

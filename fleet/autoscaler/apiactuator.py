@@ -1,17 +1,21 @@
-"""Act on API pools: set the running API workers' concurrency through Celery remote control.
+"""Act on API pools: set the running API workers' in-flight limits through Celery remote control.
 
 An API pool's desired concurrency (``ApiPoolDecision.desired_concurrency``) is spread
 over its live workers (``accelerator == api-<provider>``), the first ones taking the
 remainder, at least 1 each (a worker with nothing to do keeps one slot so it can pick the
-next call up). Each change is one of Celery's remote-control broadcasts:
+next call up). Each change is one broadcast to one worker of fleet's own absolute
+command, ``fleet_api_concurrency(n=target)`` (``workers.apicontrol``): the worker sets
+its consumer's prefetch count, and so the calls it has in flight, to ``target`` clamped
+to its pool's threads. Celery's ``pool_grow`` / ``pool_shrink`` / ``autoscale`` are not
+used: API workers run the threads pool, which implements none of them.
 
-* worker concurrency known (``WorkerObservation.concurrency > 0``): ``pool_grow(n)`` or
-  ``pool_shrink(n)`` by the difference;
-* unknown: ``autoscale(max=target, min=target)``, which sets it absolutely (the worker
-  must run with ``--autoscale``; a worker without it ignores the command).
+A worker whose reported concurrency (``WorkerObservation.concurrency``; 0 when unknown)
+differs from its share gets the command; one whose share is above its thread count is
+clamped there and keeps reporting that, so it gets the command again on each loop (cheap,
+and harmless: the command is absolute).
 
 No worker, no change: starting API workers is the job of whatever runs them (``fleet
-worker --accelerator api-<provider>``); the decision still reports what it wants.
+worker --api <provider>``); the decision still reports what it wants.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from fleet.autoscaler.model import ApiPoolDecision, WorkerObservation
 from fleet.obs.logs import get_logger
 
 log = get_logger("fleet.autoscaler")
-CONTROL_TIMEOUT_S = 1.0
+COMMAND = "fleet_api_concurrency"  # the name of the remote-control function in workers.apicontrol
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +39,6 @@ class ConcurrencyChange:
     hostname: str
     current: int
     target: int
-
-    @property
-    def command(self) -> tuple[str, int]:
-        """The remote-control command and its count: ``pool_grow``, ``pool_shrink`` or ``autoscale``."""
-        if self.current <= 0:
-            return "autoscale", self.target
-        if self.target > self.current:
-            return "pool_grow", self.target - self.current
-        return "pool_shrink", self.current - self.target
 
 
 def concurrency_changes(
@@ -70,41 +65,28 @@ def concurrency_changes(
 class Control(Protocol):
     """The part of ``celery.app.control.Control`` this module uses."""
 
-    def pool_grow(self, n: int = 1, destination: list[str] | None = None, **kwargs: Any) -> Any:  # noqa: ANN401
-        """Celery's ``pool_grow`` broadcast."""
-
-    def pool_shrink(self, n: int = 1, destination: list[str] | None = None, **kwargs: Any) -> Any:  # noqa: ANN401
-        """Celery's ``pool_shrink`` broadcast."""
-
-    def autoscale(
+    def broadcast(
         self,
-        max: int,  # noqa: A002 - Celery's parameter name
-        min: int,  # noqa: A002
+        command: str,
+        arguments: dict[str, Any] | None = None,
         destination: list[str] | None = None,
         **kwargs: Any,  # noqa: ANN401
     ) -> Any:  # noqa: ANN401
-        """Celery's ``autoscale`` broadcast."""
+        """Celery's remote-control broadcast."""
 
 
 def apply_concurrency(control: Control, changes: Iterable[ConcurrencyChange]) -> int:
-    """Send each change to its worker; returns how many were sent."""
+    """Send each change to its worker (no reply awaited); returns how many were sent."""
     sent = 0
     for c in changes:
-        command, n = c.command
-        dest = [c.hostname]
-        if command == "pool_grow":
-            control.pool_grow(n, destination=dest)
-        elif command == "pool_shrink":
-            control.pool_shrink(n, destination=dest)
-        else:
-            control.autoscale(max=n, min=n, destination=dest)
+        control.broadcast(COMMAND, arguments={"n": c.target}, destination=[c.hostname])
         sent += 1
         log.info(
             "autoscaler.api_concurrency",
             provider=c.provider,
             worker=c.hostname,
-            command=command,
-            n=n,
+            command=COMMAND,
+            current=c.current,
             target=c.target,
         )
     return sent

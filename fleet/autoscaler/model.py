@@ -124,7 +124,9 @@ class WorkerObservation:
     instance_id: str | None
     active: int = 0
     queues: tuple[str, ...] = ()
-    concurrency: int = 0  # pool processes/threads when known (API workers); 0: unknown
+    concurrency: int = (
+        0  # API workers: the in-flight limit they report; 0: unknown or a chip worker
+    )
 
 
 @dataclass(frozen=True, slots=True)

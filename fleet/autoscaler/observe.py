@@ -3,7 +3,8 @@
 It reads queue depths (Redis: ready by priority band and unacked; RabbitMQ: ready and
 consumers), peeks at the head of each Redis queue to estimate the run time of what is
 waiting with the catalog's throughput model, lists live workers (the Redis registry, or
-Celery's remote control on RabbitMQ), asks every provider for the instances that carry
+Celery's remote control on RabbitMQ; an API worker's ``concurrency`` is the in-flight
+limit it reports, ``workers.apicontrol``), asks every provider for the instances that carry
 our tag, and reads the spot interruptions workers recorded (``fleet.registry``, in the
 state store of ``fleet.execution.state_url``). What the loop remembers (draining
 instances, recent provider errors, pool history) comes in as arguments.
@@ -31,6 +32,7 @@ from fleet.autoscaler.model import (
     WorkerObservation,
 )
 from fleet.catalog import Catalog
+from fleet.catalog.apis import provider_of
 from fleet.execution import state_url
 from fleet.providers.base import Provider
 from fleet.queues import REDIS_PRIORITY_STEPS, all_queue_names, parse_queue
@@ -90,7 +92,14 @@ def _queue_stats(
         client = redis_client(settings.broker_url, settings.tls)
         stats = RedisStats(client, settings.namespace).read(names)
         workers = [
-            WorkerObservation(w.hostname, w.accelerator, w.instance_id, 0, w.queues)
+            WorkerObservation(
+                w.hostname,
+                w.accelerator,
+                w.instance_id,
+                0,
+                w.queues,
+                _concurrency(w.accelerator, w.concurrency),
+            )
             for w in live_workers(client, settings.namespace)
         ]
         return stats, workers
@@ -104,10 +113,18 @@ def _queue_stats(
             r.get("instance_id"),
             int(r.get("active") or 0),
             tuple(r.get("queues", ())),
+            _concurrency(r.get("accelerator", ""), r.get("concurrency")),
         )
         for host, r in sorted(replies.items())
     ]
     return stats, workers
+
+
+def _concurrency(accelerator: str, reported: object) -> int:
+    """An API worker's reported in-flight limit (``workers.apicontrol``); 0 (unknown) otherwise."""
+    if provider_of(accelerator) is None or not isinstance(reported, int):
+        return 0
+    return max(0, reported)
 
 
 def observe(

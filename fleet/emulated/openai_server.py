@@ -22,6 +22,9 @@ output so that API workers can be exercised end to end without a provider accoun
 * A request log (``records()``, or ``GET /emulated/requests``) with arrival time,
   status, tokens and model, from which tests check that limits were never exceeded
   (``window_peaks``).
+* An in-flight counter: requests being served (admitted, reply not yet written) now and
+  at most at once (``in_flight()``, ``peak_in_flight(reset=...)``, or ``GET
+  /emulated/in_flight``), from which tests check a client's concurrency.
 
 Every response carries ``X-Fleet-Emulated: true`` and ``system_fingerprint``
 ``fleet-emulated``; every log line says EMULATED. Run it standalone with
@@ -43,6 +46,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -172,6 +176,8 @@ class EmulatedOpenAIServer:
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
         self._ids = itertools.count(1)
+        self._in_flight = 0
+        self._peak_in_flight = 0
         self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -233,6 +239,34 @@ class EmulatedOpenAIServer:
         """A copy of the request log."""
         with self._lock:
             return list(self._records)
+
+    def in_flight(self) -> int:
+        """Requests being served now."""
+        with self._lock:
+            return self._in_flight
+
+    def peak_in_flight(self, *, reset: bool = False) -> int:
+        """The most requests served at once since the start or the last reset.
+
+        ``reset`` starts a new count from the requests in flight now (after reading).
+        """
+        with self._lock:
+            peak = self._peak_in_flight
+            if reset:
+                self._peak_in_flight = self._in_flight
+            return peak
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Count one admitted request as in flight while its reply is written."""
+        with self._lock:
+            self._in_flight += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     # --- request handling (called on the server's threads) -----------------------------
 
@@ -385,6 +419,9 @@ def _handler_for(server: EmulatedOpenAIServer) -> type[BaseHTTPRequestHandler]: 
                 self._send_json(200, {"object": "list", "data": data})
             elif self.path == "/emulated/requests":
                 self._send_json(200, [asdict(r) for r in server.records()])
+            elif self.path == "/emulated/in_flight":
+                body = {"in_flight": server.in_flight(), "peak": server.peak_in_flight()}
+                self._send_json(200, body)
             else:
                 self._error(_Reject(404, f"no route {self.path}", "not_found"))
 
@@ -395,7 +432,8 @@ def _handler_for(server: EmulatedOpenAIServer) -> type[BaseHTTPRequestHandler]: 
                 self._error(exc)
                 return
             if call is not None:
-                self._serve(call)
+                with server.serving():
+                    self._serve(call)
 
         def _admitted(self) -> _Call | None:
             """The call to serve (None: an admin request, already answered); raises _Reject."""

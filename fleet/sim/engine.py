@@ -13,8 +13,9 @@ Policies:
   desired replicas are ``ceil(queue length / target)``, scale-up at once, scale-down only
   after ``cooldown_s`` without need. Tasks that 8 x H100 cannot hold are rejected.
 
-The model. An instance becomes usable ``cold_start_s`` (the family's) after its launch and
-costs its hourly price from launch to termination. A task on ``d`` devices takes the
+The model. An instance becomes usable ``cold_start_s`` (the family's, or ``boot_s``) after its
+launch and costs its hourly price from launch to termination, plus ``stop_s`` after a scale-in
+decision (the drain handshake and shutdown; 0 by default). A task on ``d`` devices takes the
 throughput model's ``service_s`` of wall time and occupies ``d x busy_s / service_s`` of the
 instance's device capacity while it runs (a batching server overlaps generation streams;
 compute-bound work occupies whole devices). Queues are FIFO. Spot instances are
@@ -157,6 +158,7 @@ class Simulation:
         keda_cooldown_s: float = 300.0,
         keda_max: int = 100,
         boot_s: float | None = None,
+        stop_s: float = 0.0,
         api_pools: bool = True,
     ) -> None:
         """Prepare a run; ``policy`` is one of ``POLICIES``; ``api_pools`` False ignores ``[[api_pools]]``."""
@@ -178,6 +180,9 @@ class Simulation:
         self.spot_rate = spot_interruptions_per_hour
         self.keda = (keda_target, keda_polling_s, keda_cooldown_s, keda_max)
         self.boot_s = boot_s  # None: each family's cold start from the catalog
+        # Billed time after a scale-in decision finds an instance idle: the drain handshake and
+        # the shutdown itself (0: billing stops at the decision, as before).
+        self.stop_s = stop_s
         self.events: list[tuple[float, int, str, Any]] = []
         self.seq = itertools.count()
         self.queues: dict[str, deque[SimTask]] = {}
@@ -495,7 +500,10 @@ class Simulation:
         util: dict[str, tuple[float, float]] = {}
         for inst in self.instances.values():
             stop = inst.ended_at if inst.ended_at is not None else end
-            cost += inst.price * (stop - inst.launched_at) / 3600.0
+            billed_until = (
+                stop + self.stop_s if inst.draining and inst.ended_at is not None else stop
+            )
+            cost += inst.price * (billed_until - inst.launched_at) / 3600.0
             avail = max(0.0, stop - inst.ready_at) * inst.capacity()
             busy, total = util.get(inst.pool, (0.0, 0.0))
             util[inst.pool] = (busy + inst.busy_device_s, total + avail)

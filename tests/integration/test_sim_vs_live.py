@@ -2,7 +2,7 @@
 
 The live run uses a real Redis, the real autoscaler loop and the local provider's real
 worker processes; the simulation replays the same trace through the same placement and
-planner, given the boot time the live run measured. Placements must match task for task; costs
+planner, given the boot and stop times the live run measured. Placements must match task for task; costs
 (instance-seconds x the pools' prices) must agree within ``COST_TOLERANCE``, which covers
 what the simulator does not model: process start-up jitter, Celery's own latencies, and
 the CPU handlers' wall time against the throughput model's.
@@ -11,6 +11,7 @@ the CPU handlers' wall time against the throughput model's.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,56 +68,79 @@ def local_config(url: str, tmp: Path) -> AutoscalerConfig:
     return base.model_copy(update={"fleet": fleet, "pools": pools})
 
 
+@dataclass
+class Lifetimes:
+    """What the live loop saw of each instance, by instance id (wall-clock times)."""
+
+    launched: dict[str, tuple[float, float]] = field(default_factory=dict)  # (at, $/h)
+    seen: dict[str, float] = field(default_factory=dict)  # first loop with its worker registered
+    decided: dict[str, float] = field(default_factory=dict)  # the plan that scaled it in
+    ended: dict[str, float] = field(default_factory=dict)  # the loop that reported it terminated
+
+    def note(self, report: Any, now: float) -> None:
+        """Record one autoscaler step."""
+        if report.snapshot is not None:
+            for w in report.snapshot.workers:
+                if w.instance_id is not None:
+                    self.seen.setdefault(w.instance_id, now)
+        if report.plan is not None:
+            for term in report.plan.terminations:
+                self.decided.setdefault(term.instance_id, now)
+        if report.acted is not None:
+            for inst in report.acted.launched:
+                self.launched[inst.id] = (inst.launched_at, inst.usd_per_hour)
+            for inst_id in report.acted.terminated:
+                self.ended.setdefault(inst_id, time.time())
+
+    def all_ended(self) -> bool:
+        """Something was launched and every launch has ended."""
+        return bool(self.launched) and set(self.ended) >= set(self.launched)
+
+    def figures(self) -> tuple[float, float, float]:
+        """(cost $, mean boot s, mean stop s)."""
+        cost = sum(p * (self.ended[i] - t0) / 3600 for i, (t0, p) in self.launched.items())
+        boots = [self.seen[i] - t0 for i, (t0, _) in self.launched.items() if i in self.seen]
+        stops = [self.ended[i] - self.decided[i] for i in self.launched if i in self.decided]
+        return (
+            cost,
+            sum(boots) / len(boots) if boots else LOCAL_BOOT_S,
+            sum(stops) / len(stops) if stops else 0.0,
+        )
+
+
 def run_live(
     config: AutoscalerConfig, settings: Settings, events: list[TraceEvent]
-) -> tuple[list[str], float, float]:
-    """Submit on the trace's schedule while stepping the real autoscaler; (queues, cost, boot s).
+) -> tuple[list[str], float, float, float]:
+    """Submit on the trace's schedule while stepping the real autoscaler.
 
-    The boot time is measured: from each launch to the first loop that sees the instance's
-    worker registered, so the simulation can be given the same.
+    Returns (queues, cost, boot s, stop s). The boot time is measured from each launch to the
+    first loop that sees the instance's worker registered, and the stop time from the plan
+    that scales an instance in to the loop that reports it terminated (drain handshake and
+    worker shutdown), so the simulation can be given the same.
     """
     scaler = build_autoscaler(config, settings, locked=False)
     provider: Any = scaler.providers["local"]
-    launched: dict[str, tuple[float, float]] = {}
-    ended: dict[str, float] = {}
-    seen: dict[str, float] = {}
+    seen = Lifetimes()
     queues: list[str] = []
     handles = []
     start = time.time()
     try:
         with Fleet(settings) as fleet:
             pending = list(events)
-            deadline = start + 120
-            while time.time() < deadline:
+            while time.time() < start + 120:
                 now = time.time()
                 while pending and pending[0].t <= now - start:
                     handle = fleet.submit(pending.pop(0).spec)
                     queues.append(handle.placement.queue)
                     handles.append(handle)
-                report = scaler.step(now=now)
-                if report.snapshot is not None:
-                    for w in report.snapshot.workers:
-                        if w.instance_id is not None:
-                            seen.setdefault(w.instance_id, now)
-                if report.acted is not None:
-                    for inst in report.acted.launched:
-                        launched[inst.id] = (inst.launched_at, inst.usd_per_hour)
-                    for inst_id in report.acted.terminated:
-                        ended.setdefault(inst_id, time.time())
-                if (
-                    not pending
-                    and all(h.state == "SUCCESS" for h in handles)
-                    and launched
-                    and set(ended) >= set(launched)
-                ):
+                seen.note(scaler.step(now=now), now)
+                if not pending and all(h.state == "SUCCESS" for h in handles) and seen.all_ended():
                     break
                 time.sleep(0.5)
     finally:
         provider.terminate_all(time.time())
-    assert set(ended) >= set(launched), "live run did not scale back in"
-    cost = sum(price * (ended[i] - t0) / 3600 for i, (t0, price) in launched.items())
-    boots = [seen[i] - t0 for i, (t0, _) in launched.items() if i in seen]
-    return queues, cost, (sum(boots) / len(boots) if boots else LOCAL_BOOT_S)
+    assert seen.all_ended(), "live run did not scale back in"
+    return (queues, *seen.figures())
 
 
 def test_simulator_matches_the_live_system(tmp_path: Path) -> None:
@@ -131,8 +155,8 @@ def test_simulator_matches_the_live_system(tmp_path: Path) -> None:
                 "FLEET_ARTIFACT_DIR": str(tmp_path),
             }
         )
-        live_queues, live_cost, boot_s = run_live(config, settings, events)
-    sim = simulate(events, config, default_catalog(), "fleet", boot_s=boot_s)
+        live_queues, live_cost, boot_s, stop_s = run_live(config, settings, events)
+    sim = simulate(events, config, default_catalog(), "fleet", boot_s=boot_s, stop_s=stop_s)
     assert live_queues == [sim.placements[i] for i in range(len(events))]
     assert sim.completed == len(events)
     assert live_cost > 0

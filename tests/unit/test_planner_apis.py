@@ -190,28 +190,19 @@ def worker(host: str, concurrency: int = 0, accelerator: str = "api-groq") -> Wo
 
 
 class FakeControl:
-    """Records Celery remote-control calls (the shape of ``app.control``)."""
+    """Records Celery remote-control broadcasts (the shape of ``app.control``)."""
 
     def __init__(self) -> None:
         """No calls yet."""
-        self.calls: list[tuple[str, int, tuple[str, ...]]] = []
+        self.calls: list[tuple[str, dict, tuple[str, ...]]] = []
 
-    def pool_grow(self, n=1, destination=None, **_):
-        """Record a grow."""
-        self.calls.append(("pool_grow", n, tuple(destination or ())))
-
-    def pool_shrink(self, n=1, destination=None, **_):
-        """Record a shrink."""
-        self.calls.append(("pool_shrink", n, tuple(destination or ())))
-
-    def autoscale(self, max, min, destination=None, **_):  # noqa: A002
-        """Record an absolute setting (fleet always sends max == min)."""
-        assert max == min
-        self.calls.append(("autoscale", max, tuple(destination or ())))
+    def broadcast(self, command, arguments=None, destination=None, **_):
+        """Record a broadcast."""
+        self.calls.append((command, dict(arguments or {}), tuple(destination or ())))
 
 
 def test_desired_concurrency_is_spread_over_the_pools_workers():
-    """5 calls over two workers: 3 and 2; grow and shrink by the difference when known."""
+    """5 calls over two workers: 3 and 2, each set with one absolute fleet_api_concurrency."""
     changes = concurrency_changes(
         [api_decision(5)],
         [worker("b", concurrency=4), worker("a", concurrency=1), worker("gpu", 8, "nvidia-l4")],
@@ -219,16 +210,19 @@ def test_desired_concurrency_is_spread_over_the_pools_workers():
     assert changes == [ConcurrencyChange("groq", "a", 1, 3), ConcurrencyChange("groq", "b", 4, 2)]
     control = FakeControl()
     assert apply_concurrency(control, changes) == 2
-    assert control.calls == [("pool_grow", 2, ("a",)), ("pool_shrink", 2, ("b",))]
+    assert control.calls == [
+        ("fleet_api_concurrency", {"n": 3}, ("a",)),
+        ("fleet_api_concurrency", {"n": 2}, ("b",)),
+    ]
 
 
-def test_unknown_concurrency_is_set_with_autoscale_and_idle_workers_keep_one_slot():
-    """A worker of unknown concurrency gets autoscale(target, target); no worker gets fewer than 1."""
+def test_unknown_concurrency_is_set_absolutely_and_idle_workers_keep_one_slot():
+    """A worker of unknown concurrency (0) gets its target; no worker gets fewer than 1."""
     changes = concurrency_changes([api_decision(0)], [worker("a"), worker("b", concurrency=1)])
     assert changes == [ConcurrencyChange("groq", "a", 0, 1)]
     control = FakeControl()
     apply_concurrency(control, changes)
-    assert control.calls == [("autoscale", 1, ("a",))]
+    assert control.calls == [("fleet_api_concurrency", {"n": 1}, ("a",))]
 
 
 def test_no_change_for_a_pool_without_workers_or_already_right():
@@ -246,4 +240,4 @@ def test_actuator_applies_the_plans_api_decisions():
     decided = plan(snap, config(rpm=6000, max_concurrency=10), CATALOG, NOW)
     report = actuator.act(decided, snap, NOW)
     assert report.api_changes == [ConcurrencyChange("groq", "api-1", 2, 10)]
-    assert control.calls == [("pool_grow", 8, ("api-1",))]
+    assert control.calls == [("fleet_api_concurrency", {"n": 10}, ("api-1",))]

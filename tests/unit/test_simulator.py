@@ -67,6 +67,14 @@ def test_one_task_one_offer_is_exact() -> None:
     assert result.placements == {0: "inference.nvidia-l4"}
 
 
+def test_stop_time_is_billed_after_the_scale_in_decision() -> None:
+    """``stop_s`` adds the drain-and-shutdown time to each scaled-in instance's bill, nothing else."""
+    base = simulate(one_task(), CONFIG, CATALOG, "fleet")
+    slow = simulate(one_task(), CONFIG, CATALOG, "fleet", stop_s=30.0)
+    assert slow.total_cost_usd == pytest.approx(base.total_cost_usd + L4_PRICE * 30 / 3600)
+    assert slow.p50_latency_s == base.p50_latency_s
+
+
 def test_a_missed_deadline_counts_against_slo() -> None:
     """A deadline shorter than the cold start is missed, and the task still completes."""
     result = simulate(one_task(slo={"deadline_s": 10}), CONFIG, CATALOG, "fleet")
