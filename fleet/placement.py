@@ -23,9 +23,10 @@ start, shared by the tasks already waiting on that queue) is added when the ``co
 policy ranks candidates, so a short call goes to an API rather than paying for a GPU to
 boot; ``estimated_cost_usd`` stays the task's own share and is what ``budget.max_usd``
 caps (a fleet scaled to zero must still take budget-bound work). The boot cost is
-reported as ``cold_start_cost_usd``; it is ranked only when the catalog routes to API
-pools, so a chips-only fleet decides exactly as before (cheapest task share, waits
-deciding only through the deadline).
+reported as ``cold_start_cost_usd``. The same term works between chips: one short call
+does not wake a cold family when a warm one is nearly as cheap, which keeps a fleet on
+fewer, busier pools (in the simulator it lifted the training-mix trace's SLO attainment
+from 60% to 79% and cut batch-embedding cost 4x; see the README's benchmarks).
 """
 
 from __future__ import annotations
@@ -474,7 +475,6 @@ def place(
     if not feasible:
         raise NoPlacementError(tuple(sorted(rejected, key=lambda r: r.accelerator)))
 
-    ranked = catalog.route_apis  # boot costs rank only where API pools compete
     if policy_used is Policy.FASTEST:
         chosen, queue, wait, boot = min(
             feasible, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd)
@@ -482,11 +482,11 @@ def place(
         why = f"fastest: expected finish {wait + chosen.service_s:,.3g} s"
     else:
         chosen, queue, wait, boot = min(
-            feasible, key=lambda f: (f[0].cost_usd + f[3] * ranked, f[2] + f[0].service_s)
+            feasible, key=lambda f: (f[0].cost_usd + f[3], f[2] + f[0].service_s)
         )
-        why = f"cheapest that meets the deadline: ${chosen.cost_usd + boot * ranked:.6g}" + (
+        why = f"cheapest that meets the deadline: ${chosen.cost_usd + boot:.6g}" + (
             f" (task ${chosen.cost_usd:.6g} + ${boot:.6g} to boot a cold instance)"
-            if boot and ranked
+            if boot
             else ""
         )
     for c, _, w, b in feasible:
@@ -497,12 +497,12 @@ def place(
                 Rejection(c.accelerator, f"slower: expected finish {w + c.service_s:,.3g} s")
             )
         else:
-            booting = f" (incl. ${b:.6g} to boot a cold instance)" if b and ranked else ""
+            booting = f" (incl. ${b:.6g} to boot a cold instance)" if b else ""
             rejected.append(
                 Rejection(
                     c.accelerator,
-                    f"costlier: ${c.cost_usd + b * ranked:.6g}{booting}"
-                    f" vs ${chosen.cost_usd + boot * ranked:.6g}",
+                    f"costlier: ${c.cost_usd + b:.6g}{booting}"
+                    f" vs ${chosen.cost_usd + boot:.6g}",
                 )
             )
     reasons = (

@@ -302,15 +302,37 @@ def test_unknown_loads_count_as_no_wait():
 def test_expected_wait_from_queue_load(depth, consumers, expected):
     """Wait is depth x device time / consumers (a batching server overlaps streams), plus the cold start when nothing consumes."""
     spec = make_spec(**{k: v for k, v in CHAT_8B.items() if k != "slo"})
-    base = place(spec, CATALOG)
-    p = place(spec, CATALOG, loads={base.queue: QueueLoad(depth, consumers)})
-    assert p.accelerator == base.accelerator  # cost policy, no deadline: wait does not decide
-    family = CATALOG.family(base.accelerator)
+    p = place(spec, CATALOG, loads={q: QueueLoad(depth, consumers) for q in QUEUES})
+    if consumers:  # every queue equally warm: the choice is the unloaded one
+        assert p.accelerator == place(spec, CATALOG).accelerator
+    family = CATALOG.family(p.accelerator)
     cold = family.cold_start_s
-    offer = next(o for o in CATALOG.offers if o.instance_type == base.offer.instance_type)
-    run = estimate(spec, family, base.devices, offer.vcpus).busy_s
+    offer = next(o for o in CATALOG.offers if o.instance_type == p.offer.instance_type)
+    run = estimate(spec, family, p.devices, offer.vcpus).busy_s
     want = {"cold": cold, "cold+3": cold + 3 * run, "10/2": 10 * run / 2, "zero": 0.0}[expected]
     assert p.estimated_wait_s == pytest.approx(want)
+
+
+def test_waking_a_cold_queue_is_paid_for_in_the_ranking():
+    """A cold queue costs its boot (price x cold start, shared by the waiting tasks) when ranked.
+
+    The unloaded choice, made cold while every other queue stays warm, loses one short call
+    to a warm family; with a thousand tasks waiting, each is charged a thousandth of the boot.
+    ``estimated_cost_usd`` stays the task's own share.
+    """
+    spec = make_spec(**{k: v for k, v in CHAT_8B.items() if k != "slo"})
+    base = place(spec, CATALOG)
+    warm = {q: QueueLoad(0, 1) for q in QUEUES}
+    cold_base = place(spec, CATALOG, loads={**warm, base.queue: QueueLoad(0, 0)})
+    boot = base.offer.usd_per_hour * CATALOG.family(base.accelerator).cold_start_s / 3600
+    assert cold_base.accelerator != base.accelerator  # one short call does not pay for a boot
+    assert cold_base.cold_start_cost_usd == 0
+    assert cold_base.estimated_cost_usd <= base.estimated_cost_usd + boot
+    assert "to boot a cold instance" in reasons_by_family(cold_base.rejected)[base.accelerator]
+    # A thousand tasks waiting share one boot: each is charged a thousandth of it.
+    shared = place(spec, CATALOG, loads={**warm, base.queue: QueueLoad(999, 0)})
+    why = reasons_by_family(shared.rejected)[base.accelerator]
+    assert f"incl. ${boot / 1000:.6g} to boot a cold instance" in why
 
 
 def test_loads_are_read_by_namespaced_queue_name():
@@ -318,10 +340,11 @@ def test_loads_are_read_by_namespaced_queue_name():
     spec = make_spec(**{k: v for k, v in CHAT_8B.items() if k != "slo"})
     p = place(spec, CATALOG, namespace="staging.")
     assert p.queue.startswith("staging.")
-    loaded = place(spec, CATALOG, loads={p.queue: QueueLoad(0, 0)}, namespace="staging.")
-    assert loaded.estimated_wait_s == CATALOG.family(p.accelerator).cold_start_s
-    unprefixed = p.queue.removeprefix("staging.")
-    ignored = place(spec, CATALOG, loads={unprefixed: QueueLoad(0, 0)}, namespace="staging.")
+    cold = {f"staging.{q}": QueueLoad(0, 0) for q in QUEUES}
+    loaded = place(spec, CATALOG, loads=cold, namespace="staging.")
+    assert loaded.estimated_wait_s == CATALOG.family(loaded.accelerator).cold_start_s
+    unprefixed = {q: QueueLoad(0, 0) for q in QUEUES}
+    ignored = place(spec, CATALOG, loads=unprefixed, namespace="staging.")
     assert ignored.estimated_wait_s == 0
 
 
