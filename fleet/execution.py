@@ -11,6 +11,13 @@ A task id (derived from the spec's ``idempotency_key`` when there is one, see
 ``error``       the last unexpected error (already redacted and truncated)
 ``dead``        the dead-letter entry, once it was dead-lettered
 
+A delivery enters through ``try_claim``: one atomic step (one Lua script, one round trip
+on Redis) that counts the delivery, looks for a result, takes the claim, looks for a
+dead-letter entry and counts the attempt, and reports what it saw as a ``ClaimOutcome``
+(``workers.once.decide`` turns that into a verdict). ``finish`` records the result and
+releases the claim in one step too, so a trivial task costs two round trips, plus one
+claim refresh per third of the claim TTL while it runs.
+
 Every record expires after ``record_ttl_s`` (default 7 days) so the store does not
 grow forever. ``RedisExecutionStore`` is the real one; ``MemoryExecutionStore`` is the
 same contract in memory with an injected clock, for unit tests (it is part of the
@@ -25,7 +32,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import redis
 
@@ -34,6 +42,7 @@ from fleet.tls import TlsFiles, redis_client
 
 __all__ = [
     "DEFAULT_RECORD_TTL_S",
+    "ClaimOutcome",
     "ExecutionStore",
     "MemoryExecutionStore",
     "RedisExecutionStore",
@@ -53,14 +62,47 @@ def state_url(env: Mapping[str, str], broker_url: str) -> str | None:
     return env.get("FLEET_LOCK_URL") or None
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimOutcome:
+    """What one ``try_claim`` saw and did; the rows of ``workers.once.decide``'s table.
+
+    ``seen`` is where the step stopped:
+
+    ``done``     a result is recorded (``result``); no claim taken, no attempt counted
+    ``held``     another holder has the claim, ``claim_left_s`` seconds left (None: no TTL
+                 could be read); no attempt counted
+    ``dead``     the task was dead-lettered (``entry``); the claim was taken and released
+                 again, no attempt counted
+    ``claimed``  the caller holds the claim and ``attempt`` is its attempt number (counted);
+                 ``last_error`` is the last recorded error when ``attempt`` is past the
+                 limit the caller gave, else None
+
+    Every outcome counted one delivery.
+    """
+
+    seen: Literal["done", "held", "dead", "claimed"]
+    attempt: int = 0
+    result: dict[str, Any] | None = None
+    entry: dict[str, Any] | None = None
+    claim_left_s: float | None = None
+    last_error: str | None = None
+
+
 class ExecutionStore(Protocol):
     """The records of one fleet's executions (see the module docstring).
 
-    Every method is atomic on its own; ``claim`` is the only mutual exclusion.
+    Every method is atomic on its own; the claim taken by ``try_claim`` is the only
+    mutual exclusion.
     """
 
-    def claim(self, task_id: str, holder: str, ttl_s: float) -> bool:
-        """Take the claim if nobody holds it (SET NX with a TTL); True when taken."""
+    def try_claim(self, task_id: str, holder: str, ttl_s: float, max_attempts: int) -> ClaimOutcome:
+        """Admit one delivery of ``task_id`` for ``holder``, atomically; see ``ClaimOutcome``.
+
+        In order: count the delivery; a recorded result ends the step (``done``); take the
+        claim (SET NX, ``ttl_s``) or end with the holder's remaining TTL (``held``); a
+        dead-letter entry releases the claim again and ends the step (``dead``); count the
+        attempt, and past ``max_attempts`` read the last error (``claimed``).
+        """
 
     def refresh(self, task_id: str, holder: str, ttl_s: float) -> bool:
         """Extend ``holder``'s claim to ``ttl_s`` from now; False when it is not theirs any more."""
@@ -76,12 +118,6 @@ class ExecutionStore(Protocol):
 
     def finish(self, task_id: str, holder: str, result: dict[str, Any]) -> None:
         """Record ``result`` as the one result, then release ``holder``'s claim."""
-
-    def count_delivery(self, task_id: str) -> int:
-        """Count one more delivery; returns the new count."""
-
-    def count_attempt(self, task_id: str) -> int:
-        """Count one more started attempt; returns the new count."""
 
     def counts(self, task_id: str) -> tuple[int, int]:
         """``(deliveries, attempts)`` so far."""
@@ -102,6 +138,32 @@ class ExecutionStore(Protocol):
         """Forget everything about ``task_id`` (a requeue from the dead-letter queue)."""
 
 
+# KEYS: the records in _FIELDS order: claim, done, deliveries, attempts, error, dead.
+# ARGV: holder, claim TTL (ms), record TTL (ms), max attempts.
+# Returns {seen, attempt, payload, claim pttl}; a false element comes back as None.
+_TRY_CLAIM = """
+redis.call('incr', KEYS[3])
+redis.call('pexpire', KEYS[3], ARGV[3])
+local done = redis.call('get', KEYS[2])
+if done then
+  return {'done', 0, done, false}
+end
+if not redis.call('set', KEYS[1], ARGV[1], 'nx', 'px', ARGV[2]) then
+  return {'held', 0, false, redis.call('pttl', KEYS[1])}
+end
+local dead = redis.call('get', KEYS[6])
+if dead then
+  redis.call('del', KEYS[1])
+  return {'dead', 0, dead, false}
+end
+local attempt = redis.call('incr', KEYS[4])
+redis.call('pexpire', KEYS[4], ARGV[3])
+local err = false
+if attempt > tonumber(ARGV[4]) then
+  err = redis.call('get', KEYS[5])
+end
+return {'claimed', attempt, err, false}
+"""
 _REFRESH = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -133,6 +195,7 @@ class RedisExecutionStore:
         self._r = client
         self._ns = namespace
         self._ttl_ms = int(record_ttl_s * 1000)
+        self._try_claim = client.register_script(_TRY_CLAIM)
         self._refresh = client.register_script(_REFRESH)
         self._release = client.register_script(_RELEASE)
         self._finish = client.register_script(_FINISH)
@@ -148,10 +211,25 @@ class RedisExecutionStore:
     def _key(self, task_id: str, record: str) -> str:
         return f"{self._ns}fleet:exec:{task_id}:{record}"
 
-    def claim(self, task_id: str, holder: str, ttl_s: float) -> bool:  # noqa: D102 - see ExecutionStore
-        return bool(self._r.set(self._key(task_id, "claim"), holder, nx=True, px=_ms(ttl_s)))
+    def try_claim(  # noqa: D102 - see ExecutionStore
+        self, task_id: str, holder: str, ttl_s: float, max_attempts: int
+    ) -> ClaimOutcome:
+        keys = [self._key(task_id, f) for f in _FIELDS]
+        raw = self._try_claim(keys=keys, args=[holder, _ms(ttl_s), self._ttl_ms, max_attempts])
+        seen, attempt, payload, pttl = raw
+        match _text(seen):
+            case "done":
+                return ClaimOutcome("done", result=_loads(payload))
+            case "held":
+                left = None if pttl is None or int(pttl) < 0 else int(pttl) / 1000
+                return ClaimOutcome("held", claim_left_s=left)
+            case "dead":
+                return ClaimOutcome("dead", entry=_loads(payload))
+            case _:
+                error = None if payload is None else _text(payload)
+                return ClaimOutcome("claimed", attempt=int(attempt), last_error=error)
 
-    def refresh(self, task_id: str, holder: str, ttl_s: float) -> bool:  # noqa: D102
+    def refresh(self, task_id: str, holder: str, ttl_s: float) -> bool:  # noqa: D102 - see ExecutionStore
         return bool(self._refresh(keys=[self._key(task_id, "claim")], args=[holder, _ms(ttl_s)]))
 
     def release(self, task_id: str, holder: str) -> None:  # noqa: D102
@@ -170,18 +248,6 @@ class RedisExecutionStore:
             args=[holder, json.dumps(result), self._ttl_ms],
         )
 
-    def _incr(self, task_id: str, record: str) -> int:
-        pipe = self._r.pipeline()
-        pipe.incr(self._key(task_id, record))
-        pipe.pexpire(self._key(task_id, record), self._ttl_ms)
-        return int(pipe.execute()[0])
-
-    def count_delivery(self, task_id: str) -> int:  # noqa: D102
-        return self._incr(task_id, "deliveries")
-
-    def count_attempt(self, task_id: str) -> int:  # noqa: D102
-        return self._incr(task_id, "attempts")
-
     def counts(self, task_id: str) -> tuple[int, int]:  # noqa: D102
         raw = self._r.mget([self._key(task_id, "deliveries"), self._key(task_id, "attempts")])
         deliveries, attempts = (int(v or 0) for v in raw)
@@ -192,7 +258,7 @@ class RedisExecutionStore:
 
     def last_error(self, task_id: str) -> str | None:  # noqa: D102
         raw = self._r.get(self._key(task_id, "error"))
-        return None if raw is None else bytes(raw).decode()  # type: ignore[arg-type]
+        return None if raw is None else _text(raw)
 
     def mark_dead(self, task_id: str, entry: dict[str, Any]) -> bool:  # noqa: D102
         key = self._key(task_id, "dead")
@@ -221,11 +287,20 @@ class MemoryExecutionStore:
             return None
         return held
 
-    def claim(self, task_id: str, holder: str, ttl_s: float) -> bool:  # noqa: D102 - see ExecutionStore
-        if self._live_claim(task_id) is not None:
-            return False
+    def try_claim(  # noqa: D102 - see ExecutionStore
+        self, task_id: str, holder: str, ttl_s: float, max_attempts: int
+    ) -> ClaimOutcome:
+        self._incr(task_id, "deliveries")
+        if (result := self.done(task_id)) is not None:
+            return ClaimOutcome("done", result=result)
+        if (held := self._live_claim(task_id)) is not None:
+            return ClaimOutcome("held", claim_left_s=held[1] - self._clock())
+        if (entry := self.dead(task_id)) is not None:
+            return ClaimOutcome("dead", entry=entry)  # taken and released at once: never held
         self._claims[task_id] = (holder, self._clock() + ttl_s)
-        return True
+        attempt = self._incr(task_id, "attempts")
+        error = self.last_error(task_id) if attempt > max_attempts else None
+        return ClaimOutcome("claimed", attempt=attempt, last_error=error)
 
     def refresh(self, task_id: str, holder: str, ttl_s: float) -> bool:  # noqa: D102
         held = self._live_claim(task_id)
@@ -255,12 +330,6 @@ class MemoryExecutionStore:
         value = int(self._records.get((task_id, record), 0)) + 1
         self._records[task_id, record] = value
         return value
-
-    def count_delivery(self, task_id: str) -> int:  # noqa: D102
-        return self._incr(task_id, "deliveries")
-
-    def count_attempt(self, task_id: str) -> int:  # noqa: D102
-        return self._incr(task_id, "attempts")
 
     def counts(self, task_id: str) -> tuple[int, int]:  # noqa: D102
         return (
@@ -293,6 +362,10 @@ class MemoryExecutionStore:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+def _text(raw: Any) -> str:  # noqa: ANN401 - redis-py returns untyped values
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _loads(raw: Any) -> dict[str, Any] | None:  # noqa: ANN401 - redis-py returns untyped values

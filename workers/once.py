@@ -14,7 +14,7 @@
 3. it was dead-lettered already (a redelivery after the entry was published): it fails
    again with the same message, without a second entry;
 4. otherwise the delivery claims it (SET NX, TTL ``FLEET_CLAIM_TTL_S``, refreshed every
-   third of it by a thread while the handler runs) and counts one attempt. Past
+   third of it while the handler runs) and counts one attempt. Past
    ``FLEET_MAX_ATTEMPTS`` attempts it is dead-lettered instead of run: that is how a
    task that kills its worker process on every delivery ends (reason ``worker-lost``).
 
@@ -23,6 +23,13 @@ A handler raising an unexpected exception is retried (Celery ``retry``) after
 last attempt, then dead-lettered (reason ``failed``). A refused task (invalid spec,
 does not fit, bad input) is dead-lettered at once (reason ``refused``). The client
 sees a FAILURE whose message names the dead-letter queue (``DeadLetteredError``).
+
+Cost on the hot path: the store's ``try_claim`` does all of ``admit``'s reading and
+writing in one atomic step (one Lua script on Redis), ``decide`` is the pure decision
+table over what it saw, and ``finish`` records the result and releases the claim in one
+more: two round trips per task. Claims are kept alive by one ``ClaimRefresher`` thread
+per process, started on first use, which refreshes every claim the process holds every
+third of the TTL; ``ClaimKeeper`` only registers and unregisters a claim there.
 
 Without a state store the guard is off (said once in a log line): refused and failing
 tasks still end in the dead-letter queue (attempts counted by Celery's retries), but a
@@ -34,25 +41,35 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
-from typing import Any, NoReturn, Self
+from typing import Any, NoReturn
 
 import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from fleet.dlq import DeadLetter, DeadLetteredError, dead_letter_queue, publish, redact
-from fleet.execution import ExecutionStore, RedisExecutionStore, state_url
+from fleet.execution import ClaimOutcome, ExecutionStore, RedisExecutionStore, state_url
 from fleet.obs.logs import get_logger
 from fleet.settings import Settings
+from workers.claims import ClaimKeeper, ClaimRefresher
 
-__all__ = ["Admission", "ClaimKeeper", "OncePolicy", "Verdict", "admit", "backoff_s", "guarded"]
+__all__ = [
+    "Admission",
+    "ClaimKeeper",
+    "ClaimRefresher",
+    "OncePolicy",
+    "Verdict",
+    "admit",
+    "backoff_s",
+    "decide",
+    "guarded",
+]
 
 log = get_logger("fleet.once")
 UNLIMITED_RETRIES = sys.maxsize  # attempts are counted by fleet, not by Celery's max_retries
@@ -123,63 +140,49 @@ class Admission:
     last_error: str | None = None
 
 
+def decide(seen: ClaimOutcome, *, ttl_s: float, max_attempts: int) -> Admission:
+    """The verdict for what one admission step saw (pure; the table of the module docstring).
+
+    * a recorded result: COMPLETED, with the result;
+    * another live claim with ``left`` seconds to go: DUPLICATE, look again in ``left``
+      (``ttl_s`` when the store could not say);
+    * a dead-letter entry: ALREADY_DEAD, with the entry;
+    * claimed, attempt ``n <= max_attempts``: RUN attempt ``n``;
+    * claimed, attempt ``n > max_attempts``: DEAD_LETTER after ``n - 1`` attempts, with
+      the last recorded error.
+    """
+    match seen.seen:
+        case "done":
+            return Admission(Verdict.COMPLETED, result=seen.result)
+        case "held":
+            wait = ttl_s if seen.claim_left_s is None else seen.claim_left_s
+            return Admission(Verdict.DUPLICATE, wait_s=wait)
+        case "dead":
+            return Admission(Verdict.ALREADY_DEAD, entry=seen.entry)
+        case "claimed" if seen.attempt > max_attempts:
+            return Admission(
+                Verdict.DEAD_LETTER, attempt=seen.attempt - 1, last_error=seen.last_error
+            )
+        case _:
+            return Admission(Verdict.RUN, attempt=seen.attempt)
+
+
 def admit(
     store: ExecutionStore, task_id: str, holder: str, *, ttl_s: float, max_attempts: int
 ) -> Admission:
-    """Decide what this delivery of ``task_id`` does; on RUN and DEAD_LETTER ``holder`` holds the claim.
+    """Count this delivery of ``task_id`` and decide what it does, in one atomic store step.
 
-    The done check is repeated after the claim is won: a holder records its result and
-    then releases, so a claim won just after that release still sees the result.
+    On RUN and DEAD_LETTER ``holder`` holds the claim (TTL ``ttl_s``) and one attempt was
+    counted; on every other verdict it holds nothing. Because the step is atomic, a
+    result recorded by ``finish`` (which records, then releases) is always seen by a
+    delivery that wins the claim after that release.
+
+    Raises:
+        redis.RedisError: the store is unreachable (nothing was decided).
+
     """
-    if (done := store.done(task_id)) is not None:
-        return Admission(Verdict.COMPLETED, result=done)
-    if not store.claim(task_id, holder, ttl_s):
-        left = store.claim_ttl_s(task_id)
-        return Admission(Verdict.DUPLICATE, wait_s=ttl_s if left is None else left)
-    if (done := store.done(task_id)) is not None:
-        store.release(task_id, holder)
-        return Admission(Verdict.COMPLETED, result=done)
-    if (dead := store.dead(task_id)) is not None:
-        store.release(task_id, holder)
-        return Admission(Verdict.ALREADY_DEAD, entry=dead)
-    attempt = store.count_attempt(task_id)
-    if attempt > max_attempts:
-        return Admission(
-            Verdict.DEAD_LETTER, attempt=attempt - 1, last_error=store.last_error(task_id)
-        )
-    return Admission(Verdict.RUN, attempt=attempt)
-
-
-class ClaimKeeper:
-    """Refresh a claim every third of its TTL while a block runs; release it on exit."""
-
-    def __init__(self, store: ExecutionStore, task_id: str, holder: str, ttl_s: float) -> None:
-        """Keep ``holder``'s claim on ``task_id`` alive (``ttl_s`` at each refresh)."""
-        self._store, self._task_id, self._holder, self._ttl = store, task_id, holder, ttl_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleet-claim", daemon=True)
-
-    def __enter__(self) -> Self:
-        """Start refreshing."""
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Stop refreshing and release the claim (a no-op after ``finish``)."""
-        self._stop.set()
-        self._thread.join(timeout=5)
-        try:
-            self._store.release(self._task_id, self._holder)
-        except redis.RedisError as err:
-            log.warning("once.release_failed", error=type(err).__name__)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._ttl / 3):
-            try:
-                if not self._store.refresh(self._task_id, self._holder, self._ttl):
-                    log.warning("task.claim_lost", detail="another delivery may run it too")
-            except redis.RedisError as err:
-                log.warning("once.refresh_failed", error=type(err).__name__)
+    seen = store.try_claim(task_id, holder, ttl_s, max_attempts)
+    return decide(seen, ttl_s=ttl_s, max_attempts=max_attempts)
 
 
 @cache
@@ -257,10 +260,9 @@ def guarded(
     job = _Job(task, str(task.request.id), spec, placement)
     policy, store = _policy(), _store()
     if store is None:
-        return _attempt(job, None, "", int(task.request.retries or 0) + 1, execute, refused)
+        return _attempt(job, None, int(task.request.retries or 0) + 1, execute, refused)
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     try:
-        store.count_delivery(job.task_id)
         adm = admit(
             store,
             job.task_id,
@@ -291,25 +293,22 @@ def guarded(
                 f"the worker process died while running it, {adm.attempt} time(s)",
                 adm.attempt,
             )
-    with ClaimKeeper(store, job.task_id, holder, policy.claim_ttl_s):
-        result = _attempt(job, store, holder, adm.attempt, execute, refused)
-        try:
-            store.finish(job.task_id, holder, result)
-        except redis.RedisError as err:  # the result still goes back; a redelivery could rerun it
-            log.warning("once.finish_failed", error=type(err).__name__)
+    with ClaimKeeper(store, job.task_id, holder, policy.claim_ttl_s) as keeper:
+        result = _attempt(job, keeper, adm.attempt, execute, refused)
+        keeper.finish(result)
         return result
 
 
 def _attempt(
     job: _Job,
-    store: ExecutionStore | None,
-    holder: str,
+    keeper: ClaimKeeper | None,
     attempt: int,
     execute: Callable[[], dict[str, Any]],
     refused: tuple[type[Exception], ...],
 ) -> dict[str, Any]:
     """Run the body once: refused -> dead letter; other errors -> retry, or dead letter at the limit."""
     policy = _policy()
+    store = None if keeper is None else keeper.store
     try:
         return execute()
     except _CELERY_FLOW:
@@ -324,6 +323,6 @@ def _attempt(
             job.dead_letter(store, "failed", error, attempt)
         wait = backoff_s(policy, attempt)
         log.warning("task.retrying", attempt=attempt, error=error, retry_in_s=wait)
-        if store is not None:
-            store.release(job.task_id, holder)  # the retry may claim at once
+        if keeper is not None:
+            keeper.release()  # the retry may claim at once
         raise job.task.retry(countdown=wait, max_retries=UNLIMITED_RETRIES) from None

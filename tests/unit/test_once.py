@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+
 import pytest
+from structlog.testing import capture_logs
 
 from fleet.app import broker_transport_options
-from fleet.execution import MemoryExecutionStore, state_url
+from fleet.execution import ClaimOutcome, MemoryExecutionStore, state_url
 from fleet.settings import Settings
+from workers.claims import ClaimKeeper, ClaimRefresher, process_refresher
 from workers.lease import LeaseExtender, unacked_index_key
-from workers.once import OncePolicy, Verdict, admit, backoff_s
+from workers.once import Admission, OncePolicy, Verdict, admit, backoff_s, decide
 
 
 class Clock:
@@ -51,7 +57,7 @@ def test_redelivery_of_a_completed_task_returns_the_recorded_result(store):
     adm = go(store, "b")
     assert adm.verdict is Verdict.COMPLETED
     assert adm.result == {"answer": 42}
-    assert store.counts("t1") == (0, 1)  # deliveries are counted by the caller; one attempt
+    assert store.counts("t1") == (2, 1)  # every delivery counted, one attempt
 
 
 def test_duplicate_while_the_claim_is_live_is_not_run(store, clock):
@@ -131,6 +137,132 @@ def test_reset_forgets_everything(store):
     adm = go(store, "b")
     assert (adm.verdict, adm.attempt) == (Verdict.RUN, 1)
     assert store.last_error("t1") is None
+
+
+def test_every_delivery_is_counted_but_only_claimed_ones_are_attempts(store, clock):
+    """Duplicates, completed and dead-lettered redeliveries count as deliveries, not attempts."""
+    go(store, "a")
+    go(store, "b")  # duplicate
+    store.finish("t1", "a", {})
+    go(store, "c")  # completed
+    assert store.counts("t1") == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("seen", "expected"),
+    [
+        (ClaimOutcome("done", result={"r": 1}), Admission(Verdict.COMPLETED, result={"r": 1})),
+        (ClaimOutcome("held", claim_left_s=4.0), Admission(Verdict.DUPLICATE, wait_s=4.0)),
+        (ClaimOutcome("held"), Admission(Verdict.DUPLICATE, wait_s=10.0)),
+        (ClaimOutcome("dead", entry={"e": 1}), Admission(Verdict.ALREADY_DEAD, entry={"e": 1})),
+        (ClaimOutcome("claimed", attempt=1), Admission(Verdict.RUN, attempt=1)),
+        (ClaimOutcome("claimed", attempt=3), Admission(Verdict.RUN, attempt=3)),
+        (
+            ClaimOutcome("claimed", attempt=4, last_error="E: x"),
+            Admission(Verdict.DEAD_LETTER, attempt=3, last_error="E: x"),
+        ),
+        (ClaimOutcome("claimed", attempt=4), Admission(Verdict.DEAD_LETTER, attempt=3)),
+    ],
+)
+def test_decision_table(seen, expected):
+    """What the store saw maps to one verdict (TTL 10 s, 3 attempts); no I/O involved."""
+    assert decide(seen, ttl_s=10.0, max_attempts=3) == expected
+
+
+class CountingStore:
+    """Wraps the fake store, counting calls per method (one call = one round trip on Redis)."""
+
+    def __init__(self, inner: MemoryExecutionStore) -> None:
+        """No calls yet."""
+        self.inner = inner
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name):
+        """The inner store's method, counted."""
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return getattr(self.inner, name)
+
+
+def test_a_successful_task_costs_two_store_steps(clock):
+    """Admission is one step, recording the result and releasing the claim one more."""
+    store = CountingStore(MemoryExecutionStore(clock))
+    refresher = ClaimRefresher(interval_s=3600)
+    adm = admit(store, "t1", "a", ttl_s=10.0, max_attempts=3)
+    with ClaimKeeper(store, "t1", "a", 10.0, refresher) as keeper:
+        assert refresher.held() == [("t1", "a")]
+        keeper.finish({"ok": True})
+    refresher.stop()
+    assert adm.verdict is Verdict.RUN
+    assert store.calls == {"try_claim": 1, "finish": 1}
+    assert store.inner.claim_ttl_s("t1") is None
+    assert refresher.held() == []
+
+
+def test_leaving_the_block_without_a_result_releases_the_claim(store):
+    """An exception (or a retry) leaves the block: the claim is released for the next delivery."""
+    refresher = ClaimRefresher(interval_s=3600)
+    go(store, "a")
+    with pytest.raises(RuntimeError), ClaimKeeper(store, "t1", "a", 10.0, refresher):
+        raise RuntimeError
+    refresher.stop()
+    assert store.claim_ttl_s("t1") is None
+    assert go(store, "b").attempt == 2
+
+
+def test_one_tick_refreshes_every_held_claim(store, clock):
+    """A tick extends each registered claim to its full TTL; dropped claims are left to lapse."""
+    refresher = ClaimRefresher(interval_s=3600)  # ticks by hand
+    for task in ("t1", "t2", "t3"):
+        store.try_claim(task, "a", 10.0, 3)
+    for task in ("t1", "t2"):
+        refresher.hold(store, task, "a", 10.0)
+    refresher.drop("t2", "a")
+    clock.t += 8
+    assert refresher.tick() == 1
+    assert store.claim_ttl_s("t1") == 10.0
+    assert store.claim_ttl_s("t2") == pytest.approx(2.0)
+    clock.t += 3
+    assert store.claim_ttl_s("t2") is None  # lapsed: dropped claims are not kept alive
+    assert store.claim_ttl_s("t3") is None
+    refresher.stop()
+
+
+def test_a_lost_claim_is_logged_and_a_finished_one_is_not(store, clock):
+    """Refreshing a claim another delivery took warns task.claim_lost; one released meanwhile does not."""
+    refresher = ClaimRefresher(interval_s=3600)
+    go(store, "a")
+    refresher.hold(store, "t1", "a", 10.0)
+    clock.t += 11  # the process stalled past the TTL
+    go(store, "b")
+    with capture_logs() as logs:
+        assert refresher.tick() == 0
+    assert [e["event"] for e in logs] == ["task.claim_lost"]
+    refresher.drop("t1", "a")
+    store.try_claim("t2", "c", 10.0, 3)
+    refresher.hold(store, "t2", "c", 10.0)
+    store.finish("t2", "c", {})  # finished between the tick's snapshot and its refresh
+    refresher.drop("t2", "c")
+    with capture_logs() as logs:
+        assert refresher.tick() == 0
+    assert logs == []
+
+
+def test_one_refresher_thread_per_process_keeps_claims_alive():
+    """Twenty claims held at once share one lazily started thread, which keeps them held past the TTL."""
+    store = MemoryExecutionStore()  # real monotonic clock
+    before = {t.ident for t in threading.enumerate()}
+    ids = [f"short-{i}" for i in range(20)]
+    with contextlib.ExitStack() as stack:
+        for task in ids:
+            assert store.try_claim(task, "a", 0.9, 3).seen == "claimed"
+            stack.enter_context(ClaimKeeper(store, task, "a", 0.9))
+        new = [t for t in threading.enumerate() if t.ident not in before]
+        assert [t.name for t in new] == ["fleet-claims"]
+        assert process_refresher(0.9).held() == [(task, "a") for task in ids]
+        time.sleep(2.0)  # over twice the TTL
+        assert {store.try_claim(task, "b", 0.9, 3).seen for task in ids} == {"held"}
+    assert {store.claim_ttl_s(task) for task in ids} == {None}  # released on the way out
+    assert process_refresher(0.9).held() == []
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,163 @@
+"""The Redis state store (its Lua admission script) and the in-memory fake agree, step by step.
+
+Each test drives the same sequence of operations through ``RedisExecutionStore`` on a
+real Redis and ``MemoryExecutionStore`` on the real monotonic clock (claim TTLs are
+Redis's own PX expiry, so time cannot be faked on that side), and compares every
+return value and every record after every step.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from fleet.execution import ClaimOutcome, MemoryExecutionStore, RedisExecutionStore
+from tests.integration.brokers import redis_url
+from workers.once import Verdict, admit
+
+pytestmark = pytest.mark.integration
+
+TTL = 1.0  # claim TTL of the timed scenario: a stall below this keeps both sides in step
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[redis.Redis]:
+    with redis_url() as url:
+        yield redis.Redis.from_url(url)
+
+
+def stores(client: redis.Redis) -> tuple[RedisExecutionStore, MemoryExecutionStore]:
+    """A fresh pair: the real store in a namespace of its own, and the fake."""
+    return RedisExecutionStore(client, f"t{uuid.uuid4().hex[:8]}:"), MemoryExecutionStore()
+
+
+def same_outcome(real: ClaimOutcome, fake: ClaimOutcome, ttl_s: float) -> None:
+    """Equal in every field; the remaining claim TTL within the timing slack."""
+    assert (real.seen, real.attempt, real.result, real.entry, real.last_error) == (
+        fake.seen,
+        fake.attempt,
+        fake.result,
+        fake.entry,
+        fake.last_error,
+    )
+    if fake.claim_left_s is None:
+        assert real.claim_left_s is None
+    else:
+        assert real.claim_left_s is not None
+        assert 0 < real.claim_left_s <= ttl_s
+        assert real.claim_left_s == pytest.approx(fake.claim_left_s, abs=ttl_s / 2)
+
+
+def same_records(real: RedisExecutionStore, fake: MemoryExecutionStore, task_id: str) -> None:
+    """Both stores hold the same records for ``task_id``."""
+    assert real.done(task_id) == fake.done(task_id)
+    assert real.dead(task_id) == fake.dead(task_id)
+    assert real.counts(task_id) == fake.counts(task_id)
+    assert real.last_error(task_id) == fake.last_error(task_id)
+    assert (real.claim_ttl_s(task_id) is None) == (fake.claim_ttl_s(task_id) is None)
+
+
+OPERATIONS: dict[str, Any] = {
+    "admit": lambda s, t, holder, ttl_s, limit: s.try_claim(t, holder, ttl_s, limit),
+    "finish": lambda s, t, holder: s.finish(t, holder, {"by": holder, "n": [1, 2.5, None]}),
+    "release": lambda s, t, holder: s.release(t, holder),
+    "refresh": lambda s, t, holder, ttl_s: s.refresh(t, holder, ttl_s),
+    "error": lambda s, t, error: s.record_error(t, error),
+    "dead": lambda s, t, reason: s.mark_dead(t, {"task_id": t, "reason": reason}),
+    "reset": lambda s, t: s.reset(t),
+}
+
+
+def apply(store: Any, step: tuple[Any, ...]) -> Any:
+    """Run one step, ``(operation, task_id, *arguments)``, on ``store``."""
+    op, task_id, *args = step
+    return OPERATIONS[op](store, task_id, *args)
+
+
+def run_both(client: redis.Redis, steps: list[tuple[Any, ...]], ttl_s: float) -> None:
+    """Apply ``steps`` to a fresh pair of stores and compare after each (``sleep`` sleeps)."""
+    real, fake = stores(client)
+    for step in steps:
+        if step[0] == "sleep":
+            time.sleep(step[1])
+            continue
+        got, expected = apply(real, step), apply(fake, step)
+        if isinstance(expected, ClaimOutcome):
+            same_outcome(got, expected, ttl_s)
+        else:
+            assert got == expected, step
+        same_records(real, fake, step[1])
+
+
+def test_every_admission_outcome_matches_on_redis_and_the_fake(client):
+    """Claimed, held, done, dead and past-the-limit, with a claim lapsing for real: same answers."""
+    steps: list[tuple[Any, ...]] = [
+        ("admit", "t1", "a", TTL, 2),  # claimed, attempt 1
+        ("admit", "t1", "b", TTL, 2),  # held
+        ("refresh", "t1", "b", TTL),  # a stranger cannot refresh
+        ("refresh", "t1", "a", TTL),
+        ("error", "t1", "RuntimeError: boom"),
+        ("release", "t1", "b"),  # not theirs: no effect
+        ("release", "t1", "a"),
+        ("admit", "t1", "c", TTL, 2),  # claimed, attempt 2
+        ("sleep", TTL * 1.3),  # c dies: its claim lapses
+        ("refresh", "t1", "c", TTL),  # too late
+        ("admit", "t1", "d", TTL, 2),  # attempt 3 > 2: past the limit, with the last error
+        ("dead", "t1", "failed"),
+        ("dead", "t1", "again"),  # only the first entry is kept
+        ("release", "t1", "d"),
+        ("admit", "t1", "e", TTL, 2),  # dead
+        ("admit", "t1", "e", TTL, 2),  # dead again: the claim was not kept
+        ("reset", "t1"),
+        ("admit", "t1", "f", TTL, 2),  # a requeue starts at attempt 1
+        ("finish", "t1", "f"),
+        ("admit", "t1", "g", TTL, 2),  # done
+        ("admit", "t2", "a", TTL, 5),  # another task is independent
+        ("finish", "t2", "b"),  # a stranger's finish records, but leaves a's claim
+        ("admit", "t2", "c", TTL, 5),  # done wins over the live claim
+    ]
+    run_both(client, steps, TTL)
+
+
+def test_verdicts_agree_through_admit(client):
+    """``admit`` over either store gives the same verdict sequence for a poison task."""
+    real, fake = stores(client)
+    verdicts = []
+    for store in (real, fake):
+        seq = []
+        for holder in ("h1", "h2", "h3"):
+            seq.append(admit(store, "p", holder, ttl_s=60, max_attempts=2).verdict)
+            store.release("p", holder)  # the worker "died"; release stands in for the lapse
+        verdicts.append(seq)
+    assert verdicts[0] == verdicts[1] == [Verdict.RUN, Verdict.RUN, Verdict.DEAD_LETTER]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_sequences_agree(client, seed):
+    """Random interleavings of every operation on two task ids, three holders: no divergence."""
+    rng = random.Random(seed)
+    holders, tasks = ("a", "b", "c"), ("x", "y")
+    steps: list[tuple[Any, ...]] = []
+    for _ in range(150):
+        op = rng.choice(["admit"] * 4 + ["finish", "release", "refresh", "error", "dead", "reset"])
+        task, holder = rng.choice(tasks), rng.choice(holders)
+        match op:
+            case "admit":
+                steps.append((op, task, holder, 60.0, rng.randint(1, 4)))
+            case "refresh":
+                steps.append((op, task, holder, 60.0))
+            case "error":
+                steps.append((op, task, f"E: {rng.random()}"))
+            case "dead":
+                steps.append((op, task, rng.choice(["failed", "refused"])))
+            case "reset":
+                steps.append((op, task))
+            case _:
+                steps.append((op, task, holder))
+    run_both(client, steps, 60.0)
