@@ -485,9 +485,7 @@ def place(
             feasible, key=lambda f: (f[0].cost_usd + f[3], f[2] + f[0].service_s)
         )
         why = f"cheapest that meets the deadline: ${chosen.cost_usd + boot:.6g}" + (
-            f" (task ${chosen.cost_usd:.6g} + ${boot:.6g} to boot a cold instance)"
-            if boot
-            else ""
+            f" (task ${chosen.cost_usd:.6g} + ${boot:.6g} to boot a cold instance)" if boot else ""
         )
     for c, _, w, b in feasible:
         if c is chosen:
@@ -501,8 +499,7 @@ def place(
             rejected.append(
                 Rejection(
                     c.accelerator,
-                    f"costlier: ${c.cost_usd + b:.6g}{booting}"
-                    f" vs ${chosen.cost_usd + boot:.6g}",
+                    f"costlier: ${c.cost_usd + b:.6g}{booting} vs ${chosen.cost_usd + boot:.6g}",
                 )
             )
     reasons = (
