@@ -1,4 +1,4 @@
-"""Helpers for the delivery and poison fault tests: specs, journals, state store, DLQ cleanup."""
+"""Helpers for the fault tests: specs, worker log events, journals, state store, DLQ cleanup."""
 
 from __future__ import annotations
 
@@ -95,14 +95,31 @@ def purge_dead_letters(broker: Broker) -> None:
                 channel.queue_delete(name)
 
 
-def log_events(log_path: Path, event: str, task_id: str) -> int:
-    """How many JSON log lines of a worker log are ``event`` for ``task_id``."""
-    n = 0
+def sleep_spec(seconds: float, tag: str) -> dict[str, Any]:
+    """A batch task that sleeps ``seconds`` on a cpu worker (``tag`` keeps tasks distinct)."""
+    return {
+        "kind": "batch",
+        "model": {"name": f"sleeper-{tag}", "params_b": 0.001},
+        "input": {"op": "sleep", "seconds": seconds},
+        "requirements": {"accelerators": ["cpu"]},
+    }
+
+
+def worker_events(log_path: Path, name: str) -> list[dict[str, Any]]:
+    """The JSON events called ``name`` in a worker's log (other lines are skipped)."""
+    found = []
     for line in log_path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("event") == event and record.get("task_id") == task_id:
-            n += 1
-    return n
+        if record.get("event") == name:
+            found.append(record)
+    return found
+
+
+def log_events(log_path: Path, event: str, task_id: str) -> int:
+    """How many JSON log lines of a worker log are ``event`` for ``task_id``."""
+    return sum(1 for r in worker_events(log_path, event) if r.get("task_id") == task_id)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -33,6 +32,7 @@ from fleet.spec import TaskKind
 from fleet.submiterrors import SubmitError
 from tests.faults import FaultLedger
 from tests.integration.brokers import redis_url
+from tests.integration.faultkit import sleep_spec, worker_events
 from tests.integration.servers import RabbitNode, rabbitmq_node, redis_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -43,28 +43,9 @@ FAST_TICK = "[{rabbit, [{channel_tick_interval, 1000}]}]."
 RESULT_TIMEOUT_S = float("60")
 
 
-def sleep_spec(seconds: float, tag: str) -> dict[str, Any]:
-    """A batch task that sleeps ``seconds`` on a cpu worker (``tag`` keeps tasks distinct)."""
-    return {
-        "kind": "batch",
-        "model": {"name": f"sleeper-{tag}", "params_b": 0.001},
-        "input": {"op": "sleep", "seconds": seconds},
-        "requirements": {"accelerators": ["cpu"]},
-    }
-
-
 def log_events(worker: LocalWorker, name: str) -> list[dict[str, Any]]:
     """The JSON events called ``name`` in the worker's log."""
-    found = []
-    for line in worker.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == name:
-                found.append(event)
-    return found
+    return worker_events(worker.log_path, name)
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,9 @@ from tests.fakes.metadata_server import MetadataServer
 from tests.faults import FaultLedger
 from tests.integration.brokers import redis_url
 from tests.integration.conftest import Broker
+from tests.integration.faultkit import sleep_spec
 from tests.integration.test_end_to_end import queue_depths
-from tests.integration.test_fault_shutdown import events, ran, sleep_spec, wait_started
+from tests.integration.test_fault_shutdown import events, ran, wait_started
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 

@@ -8,7 +8,6 @@ runs again.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
@@ -21,6 +20,7 @@ from fleet.client import Fleet
 from fleet.localworkers import LocalWorker, spawn_worker, stop_workers, wait_ready
 from tests.faults import FaultLedger
 from tests.integration.conftest import Broker
+from tests.integration.faultkit import sleep_spec, worker_events
 from tests.integration.test_end_to_end import queue_depths
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -30,29 +30,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault]
 EXIT_MARGIN_S = 8.0
 
 
-def sleep_spec(seconds: float, tag: str) -> dict[str, Any]:
-    """A batch task that runs ``seconds`` on a cpu worker (``tag`` makes each one distinct)."""
-    return {
-        "kind": "batch",
-        "model": {"name": f"sleeper-{tag}", "params_b": 0.001},
-        "input": {"op": "sleep", "seconds": seconds},
-        "requirements": {"accelerators": ["cpu"]},
-    }
-
-
 def events(worker: LocalWorker, name: str) -> list[dict[str, Any]]:
     """The JSON log events called ``name`` in a worker's log."""
-    out = []
-    for line in worker.log_path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == name:
-            out.append(event)
-    return out
+    return worker_events(worker.log_path, name)
 
 
 def ran(worker: LocalWorker, task_id: str, event: str = "task.started") -> int:
