@@ -313,6 +313,24 @@ class RateLimiter:
         check_fits(self.limits, requests, tokens_estimate)
         return self.bucket.try_acquire(requests, tokens_estimate, self.clock())
 
+    def attempt(self, tokens_estimate: int, started: float, timeout_s: float) -> Grant | float:
+        """One step of a wait that began at ``started`` (this limiter's clock).
+
+        Returns the ``Grant`` when granted, else the seconds to sleep before the next step
+        (``acquire`` sleeps in a thread, an async caller awaits).
+
+        Raises:
+            RateLimitError: too large for the buckets, or no grant possible within ``timeout_s``.
+
+        """
+        wait = self.poll(tokens_estimate)
+        now = self.clock()
+        if wait <= 0:
+            return Grant(tokens_estimate, now - started)
+        if now + wait - started > timeout_s:
+            raise RateLimitError(f"rate limit: no grant within {timeout_s:g} s")
+        return wait
+
     def acquire(self, tokens_estimate: int, timeout_s: float = 300.0) -> Grant:
         """Block (sleeping) until one request and ``tokens_estimate`` tokens are granted.
 
@@ -320,14 +338,10 @@ class RateLimiter:
             RateLimitError: too large for the buckets, or not granted within ``timeout_s``.
 
         """
-        start = self.clock()
-        while True:
-            wait = self.poll(tokens_estimate)
-            if wait <= 0:
-                return Grant(tokens_estimate, self.clock() - start)
-            if self.clock() + wait - start > timeout_s:
-                raise RateLimitError(f"rate limit: no grant within {timeout_s:g} s")
-            self.sleep(wait)
+        started = self.clock()
+        while not isinstance(step := self.attempt(tokens_estimate, started, timeout_s), Grant):
+            self.sleep(step)
+        return step
 
     def settle(self, grant: Grant, actual_tokens: int) -> None:
         """Correct a grant's token estimate with what the endpoint reported."""

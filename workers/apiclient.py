@@ -361,16 +361,12 @@ async def _post_once(
 async def _acquire(
     limiter: RateLimiter, tokens: int, timeout_s: float, sleep: Callable[[float], Awaitable[None]]
 ) -> Grant:
-    from fleet.ratelimit import Grant, RateLimitError  # noqa: PLC0415 - keeps this module light
+    from fleet.ratelimit import Grant  # noqa: PLC0415 - keeps this module light
 
-    start = time.monotonic()
-    while True:
-        wait = limiter.poll(tokens)
-        if wait <= 0:
-            return Grant(tokens, time.monotonic() - start)
-        if time.monotonic() + wait - start > timeout_s:
-            raise RateLimitError(f"rate limit: no grant within {timeout_s:g} s")
-        await sleep(min(wait, 5.0))
+    started = limiter.clock()
+    while not isinstance(step := limiter.attempt(tokens, started, timeout_s), Grant):
+        await sleep(min(step, 5.0))
+    return step
 
 
 async def call_endpoint(
