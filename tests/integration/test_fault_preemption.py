@@ -26,6 +26,7 @@ from tests.faults import FaultLedger
 from tests.integration.brokers import redis_url
 from tests.integration.conftest import Broker
 from tests.integration.faultkit import sleep_spec
+from tests.integration.test_autoscaler_faults import CONFIG as FAKE_L4_POOL
 from tests.integration.test_end_to_end import queue_depths
 from tests.integration.test_fault_shutdown import events, ran, wait_started
 
@@ -35,20 +36,6 @@ NOTICE_S = 6.0  # the notice window the fake announces
 MARGIN_S = 2.0  # FLEET_PREEMPTION_MARGIN_S: so the drain budget is about 4 s
 EXIT_MARGIN_S = 8.0
 
-AUTOSCALER = """
-[fleet]
-max_launches_per_loop = 3
-[[pools]]
-name = "l4"
-provider = "fake"
-accelerator = "nvidia-l4"
-price_as = "gcp/us-central1/g2-standard-12"
-markets = ["spot", "on_demand"]
-max_instances = 3
-drain_target_s = 10
-scale_out_cooldown_s = 0
-capacity_backoff_s = 600
-"""
 SPOT_KEY = "gcp/us-central1/g2-standard-12/spot"
 L4_TASK = {
     "kind": "inference",
@@ -131,7 +118,7 @@ def test_spot_notice_drains_the_worker_and_another_completes_the_task(
 def test_an_interrupted_offer_is_replaced_on_another_offer(faults: FaultLedger) -> None:
     """A worker's recorded spot interruption makes the real loop replace the capacity on-demand."""
     with redis_url() as url:
-        config = parse_config(AUTOSCALER, env={"FLEET_BROKER_URL": url})
+        config = parse_config(FAKE_L4_POOL, env={"FLEET_BROKER_URL": url})
         settings = Settings.from_env({"FLEET_BROKER_URL": url, "FLEET_RESULT_BACKEND": url})
         scaler = build_autoscaler(config, settings, locked=False)
         fake = scaler.providers["fake"]
