@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 CONFIG ?= infra/fleet.toml
+TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
 .PHONY: help install lint format typecheck test test-unit test-integration test-faults check demo bench worker status catalog route workflow dlq api-server autoscale plan scale drain simulate trace flower exporter config-check clean
@@ -15,6 +16,7 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)  # the CPU build; any other pulls CUDA wheels
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 

@@ -32,6 +32,12 @@ from typing import Any
 from celery import Celery
 
 from fleet.catalog import default_catalog
+from fleet.models.registry import (
+    ModelConfigError,
+    ModelRegistry,
+    builtin_registry,
+    registry_from_file,
+)
 from fleet.queues import DEFAULT_EXCHANGE, REDIS_PRIORITY_STEPS, all_queue_names, kombu_queue
 from fleet.routing import TASK_NAME, route_task
 from fleet.settings import Settings
@@ -108,13 +114,26 @@ def resilience_conf() -> dict[str, Any]:
     }
 
 
+def app_models(settings: Settings) -> ModelRegistry:
+    """The registry whose model queues the app declares (``FLEET_CONFIG``'s, else built-ins).
+
+    A broken config does not stop the app from being built: the built-ins are used, and the
+    commands that read the config (``fleet worker``, ``fleet config check``) report the error.
+    """
+    try:
+        return registry_from_file(settings.config_path)
+    except ModelConfigError:
+        return builtin_registry()
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     """A configured Celery app for ``settings`` (default: from the environment)."""
     settings = settings or Settings.from_env()
     app = Celery(
         "fleet", broker=settings.broker_url, backend=settings.result_backend, set_as_current=False
     )
-    queues = [kombu_queue(n) for n in all_queue_names(default_catalog(), settings.namespace)]
+    names = all_queue_names(default_catalog(), settings.namespace, app_models(settings))
+    queues = [kombu_queue(n) for n in names]
     if not settings.is_redis:
         for q in queues:
             q.queue_arguments = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -486,11 +487,13 @@ def _print_status(report: Any, previous: Any) -> None:  # noqa: ANN401 - StatusR
             pt.add_row(p.pool, str(p.instances), str(p.desired), f"{p.usd_per_hour:.4g}")
         console.print(pt)
     wt = Table(
-        "worker", "accelerator", "devices", "kind", "queues", "active tasks", title="workers"
-    )
+        "worker", "accelerator", "devices", "kind", "engine", "models", "ready", "queues",
+        "active tasks", title="workers",
+    )  # fmt: skip
     for w in report.workers:
-        wt.add_row(w.hostname, w.accelerator, str(w.devices), "emulated" if w.emulated else "real", str(w.queues),
-                   "" if w.active is None else str(w.active))  # fmt: skip
+        wt.add_row(w.hostname, w.accelerator, str(w.devices), "emulated" if w.emulated else "real",
+                   w.engine, ", ".join(w.models) or "-", "yes" if w.ready else "loading",
+                   str(w.queues), "" if w.active is None else str(w.active))  # fmt: skip
     console.print(wt)
     console.print(f"dead letters: {report.dead_letters}")
 
@@ -528,6 +531,27 @@ def _print_status(report: Any, previous: Any) -> None:  # noqa: ANN401 - StatusR
     metavar="PROVIDER",
     help="Run an API worker for this provider (inference.api-PROVIDER, threads pool).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["transformers", "vllm", "reference"]),
+    default=None,
+    envvar="FLEET_ENGINE",
+    help="Engine that runs the work (default: transformers with --model, else reference).",
+)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="NAME",
+    help="A registry model to load before consuming (repeatable; FLEET_MODELS=a,b).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    default=None,
+    envvar="FLEET_CONFIG",
+    help="Fleet config whose [[models]] extend the registry.",
+)
 def worker(
     accelerator: str,
     devices: int | None,
@@ -537,9 +561,20 @@ def worker(
     loglevel: str,
     metrics_port: int | None,
     api: str | None,
+    engine: str | None,
+    models: tuple[str, ...],
+    config_path: str | None,
 ) -> None:
-    """Run a Celery worker on exactly the queues this machine's chip can serve."""
-    from workers.main import start  # noqa: PLC0415
+    """Run a Celery worker on exactly the queues this machine's chip (and its models) can serve."""
+    from workers.main import Serve, start  # noqa: PLC0415
+    from workers.serving import ServingError  # noqa: PLC0415
+
+    if not models and os.environ.get("FLEET_MODELS"):
+        models = tuple(m.strip() for m in os.environ["FLEET_MODELS"].split(",") if m.strip())
+    if api is not None and (engine or models):
+        err.print("[red]--api excludes --engine and --model[/] (an API worker forwards)")
+        sys.exit(EXIT_INPUT)
+    serve = Serve(engine or ("transformers" if models else "reference"), models, config_path)
 
     if api is not None:
         from fleet.catalog.apis import api_providers  # noqa: PLC0415
@@ -561,7 +596,13 @@ def worker(
             + (f"; did you mean {', '.join(close)}?" if close else "")
         )
         sys.exit(EXIT_INPUT)
-    start(accelerator, devices, concurrency, pool, hostname, loglevel, metrics_port)
+    try:
+        start(
+            accelerator, devices, concurrency, pool, hostname, loglevel, metrics_port, serve=serve
+        )
+    except ServingError as exc:
+        err.print(f"[red]cannot start the worker:[/] {exc}")
+        sys.exit(EXIT_INPUT)
 
 
 @main.command()
@@ -572,7 +613,8 @@ def demo() -> None:
     sys.exit(run_demo())
 
 
-# Ops commands (config check, plan, autoscale, scale, drain) register themselves on `main`.
-from fleet import cli_dlq, cli_ops  # noqa: E402
+# Ops commands (config check, plan, autoscale, scale, drain), `dlq` and `models` register
+# themselves on `main`.
+from fleet import cli_dlq, cli_models, cli_ops  # noqa: E402
 
-__all__ = ["cli_dlq", "cli_ops", "main"]
+__all__ = ["cli_dlq", "cli_models", "cli_ops", "main"]

@@ -23,9 +23,10 @@ from celery import Celery
 from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
 
-from fleet.app import TASK_NAME, TIME_LIMITS, create_app
+from fleet.app import TASK_NAME, TIME_LIMITS, app_models, create_app
 from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools, load_config
 from fleet.catalog import Catalog, default_catalog
+from fleet.models.registry import ModelRegistry
 from fleet.obs.logs import get_logger
 from fleet.placement import Placement, Policy, api_summary, place
 from fleet.queues import all_queue_names
@@ -88,18 +89,24 @@ class Fleet:
         stats: StatsSource | None = None,
         stats_interval_s: float = 1.0,
         pools: AutoscalerConfig | None = None,
+        models: ModelRegistry | None = None,
     ) -> None:
         """Build from ``settings`` (default: environment); ``stats`` overrides the broker's.
 
         With ``pools`` (an autoscaler config), placement only chooses offers its pools can
-        buy, so no task lands on a queue nothing will ever serve.
+        buy, so no task lands on a queue nothing will ever serve. ``models`` is the model
+        registry (default: the pools' config's, else ``FLEET_CONFIG``'s, else the built-ins):
+        work for a registered model goes to that model's queues.
         """
         self.settings = settings or Settings.from_env()
         self.app = app or create_app(self.settings)
         self.catalog = catalog or default_catalog()
         if pools is not None:
             self.catalog = catalog_for_pools(self.catalog, pools)
-        self._queues = all_queue_names(self.catalog, self.settings.namespace)
+        if models is None:
+            models = pools.registry if pools is not None else app_models(self.settings)
+        self.models = models
+        self._queues = all_queue_names(self.catalog, self.settings.namespace, models)
         self._stats = StatsCache(stats or self._default_stats(), self._queues, stats_interval_s)
 
     @classmethod
@@ -129,7 +136,15 @@ class Fleet:
     ) -> Placement:
         """The placement ``submit`` would use now, without submitting."""
         spec = spec if isinstance(spec, TaskSpec) else parse_spec(spec)
-        return place(spec, self.catalog, self._stats.loads(), policy, pin, self.settings.namespace)
+        return place(
+            spec,
+            self.catalog,
+            self._stats.loads(),
+            policy,
+            pin,
+            self.settings.namespace,
+            models=self.models,
+        )
 
     def _options(self, spec: TaskSpec, placement: Placement) -> dict[str, Any]:
         limit = TIME_LIMITS[spec.kind]
@@ -232,8 +247,9 @@ class Fleet:
                 key = (spec.kind, spec.model, spec.tokens_in, spec.tokens_out, spec.requirements,
                        spec.training_method, spec.slo, spec.budget)  # fmt: skip
                 placement = decided.get(key) or place(
-                    spec, self.catalog, loads, policy, None, self.settings.namespace
-                )
+                    spec, self.catalog, loads, policy, None, self.settings.namespace,
+                    models=self.models,
+                )  # fmt: skip
                 decided[key] = placement
             except ValueError as exc:
                 # Keep the type (SpecError, NoPlacementError); name the index.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,12 +33,16 @@ class WorkerInfo:
     product: str = ""
     concurrency: int = 1  # pool size; an API worker's in-flight limit (workers.apicontrol)
     instance_id: str | None = None  # the provider instance it runs on (FLEET_INSTANCE_ID)
+    engine: str = "reference"  # transformers | vllm | reference (workers.engines)
+    models: tuple[str, ...] = ()  # models it holds loaded
+    ready: bool = True  # its engine serves its models (False while loading or restarting)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerInfo:
         """Decode a registry value."""
         data: dict[str, Any] = json.loads(raw)
         data["queues"] = tuple(data.get("queues", ()))
+        data["models"] = tuple(data.get("models", ()))
         return cls(**data)
 
     def to_json(self) -> str:
@@ -77,9 +82,16 @@ def live_workers(client: redis.Redis, namespace: str = "") -> list[WorkerInfo]:
 class Heartbeat:
     """A daemon thread that keeps one worker's registry entry alive."""
 
-    def __init__(self, client: redis.Redis, info: WorkerInfo, namespace: str = "") -> None:
-        """Prepare; call ``start``."""
+    def __init__(
+        self,
+        client: redis.Redis,
+        info: WorkerInfo,
+        namespace: str = "",
+        refresh: Callable[[WorkerInfo], WorkerInfo] | None = None,
+    ) -> None:
+        """Prepare; call ``start``. ``refresh`` (say, readiness) updates ``info`` before each beat."""
         self._client = client
+        self._refresh = refresh
         self._info = info
         self._namespace = namespace
         self._stop = threading.Event()
@@ -107,6 +119,8 @@ class Heartbeat:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            if self._refresh is not None:
+                self._info = self._refresh(self._info)
             try:
                 register(self._client, self._info, self._namespace)
             except redis.RedisError:

@@ -12,6 +12,10 @@
                          redelivered (default 300; live workers extend their leases)
 ``FLEET_MAX_TASK_BYTES`` cap on a spec's serialized size at submit and at the worker
                          (default 1 MiB; ``fleet.spec.check_size``)
+``FLEET_CONFIG``         the fleet config whose ``[[models]]`` extend the model registry
+                         (clients and workers; default: the built-in models only)
+``FLEET_MODEL_CACHE``    where model weights are fetched or built once (default
+                         ``~/.cache/fleet/models``)
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class Settings:
     tls: TlsFiles = field(default_factory=TlsFiles)
     visibility_timeout_s: int = 300
     max_task_bytes: int = DEFAULT_MAX_TASK_BYTES
+    config_path: str | None = None
+    model_cache: Path = field(default_factory=lambda: Path.home() / ".cache/fleet/models")
 
     @property
     def is_redis(self) -> bool:
@@ -59,6 +65,8 @@ class Settings:
             tls=TlsFiles.from_env(env),
             visibility_timeout_s=int(env.get("FLEET_VISIBILITY_TIMEOUT_S") or 300),
             max_task_bytes=int(env.get("FLEET_MAX_TASK_BYTES") or DEFAULT_MAX_TASK_BYTES),
+            config_path=env.get("FLEET_CONFIG") or None,
+            model_cache=Path(env.get("FLEET_MODEL_CACHE") or Path.home() / ".cache/fleet/models"),
         )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery
 
+from fleet.app import app_models
 from fleet.autoscaler.config import AutoscalerConfig
 from fleet.catalog import Catalog
 from fleet.queues import all_queue_names
@@ -37,6 +38,9 @@ class WorkerRow:
     emulated: bool
     queues: int
     active: int | None = None
+    engine: str = "reference"
+    models: tuple[str, ...] = ()
+    ready: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,7 @@ def collect(
     worker registry. RabbitMQ: ready messages and consumers per queue, and workers
     answering Celery's remote control.
     """
-    names = all_queue_names(catalog, settings.namespace)
+    names = all_queue_names(catalog, settings.namespace, app_models(settings))
     workers: list[WorkerRow]
     if settings.is_redis:
         client = redis_client(settings.broker_url, settings.tls)
@@ -108,6 +112,9 @@ def collect(
                 w.emulated,
                 len(w.queues),
                 active.get(w.hostname),
+                w.engine,
+                w.models,
+                w.ready,
             )
             for w in registered
         ]
@@ -125,6 +132,9 @@ def collect(
                 r["emulated"],
                 len(r["queues"]),
                 r.get("active"),
+                str(r.get("engine", "reference")),
+                tuple(r.get("models", ())),
+                bool(r.get("ready", True)),
             )
             for host, r in sorted(replies.items())
         ]

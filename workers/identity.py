@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 
-from fleet.catalog import Catalog
+from fleet.catalog import Catalog, Family
 from fleet.catalog.apis import PROVIDER_RE, provider_of
 from fleet.queues import queue_name, queues_for_worker
 from fleet.spec import TaskKind
@@ -37,6 +37,9 @@ class WorkerIdentity:
     product: str
     queues: tuple[str, ...]
     concurrency: int
+    engine: str = "reference"
+    models: tuple[str, ...] = ()  # held: loaded before consuming (``fleet worker --model``)
+    runtime: str = "cpu"  # what the engine runs on: cpu when emulated
 
     def to_json(self) -> str:
         """Encode for the environment."""
@@ -47,6 +50,7 @@ class WorkerIdentity:
         """Decode from the environment."""
         data = json.loads(raw)
         data["queues"] = tuple(data["queues"])
+        data["models"] = tuple(data.get("models", ()))
         return cls(**data)
 
     @property
@@ -59,6 +63,25 @@ class WorkerIdentity:
         """``nvidia-l4 x1 (emulated)`` style label for logs and status."""
         tag = " (emulated)" if self.emulated else ""
         return f"{self.accelerator} x{self.devices}{tag}"
+
+
+def with_engine(
+    me: WorkerIdentity,
+    family: Family,
+    engine: str,
+    plan: Mapping[str, Collection[TaskKind]],
+    held: tuple[str, ...],
+    runtime: str,
+    namespace: str = "",
+) -> WorkerIdentity:
+    """``me`` serving ``engine``: model queues from ``plan`` (``workers.serving.serving_plan``).
+
+    A reference worker with no plan keeps the plain queues of its family.
+    """
+    if engine == "reference" and not plan:
+        return replace(me, engine=engine, runtime=runtime)
+    queues = queues_for_worker(family, me.devices, namespace, models=plan)
+    return replace(me, engine=engine, models=held, runtime=runtime, queues=queues)
 
 
 def emulated_identity(

@@ -5,6 +5,13 @@ The worker consumes exactly the queues its accelerator can serve
 otherwise. ``--accelerator auto`` probes the machine (``workers.detect``); a named
 accelerator that is not the detected one makes a process that emulates that chip, and
 it is labelled emulated everywhere.
+
+Engines (``--engine``, ``--model``; ``workers.serving``): a worker holding models consumes
+only those models' queues (``...@<model>``) and loads them before it consumes: an in-process
+engine (transformers) loads in each pool process right after the prefork fork (the parent
+never imports torch or touches a device; Celery sends a pool process no task before its
+initializer returns), a server engine (vLLM) is started and supervised by the parent, which
+waits for it to serve before consuming. The heartbeat says engine, models and readiness.
 """
 
 from __future__ import annotations
@@ -13,12 +20,13 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import signals
 
-from fleet.catalog import Catalog, default_catalog
+from fleet.catalog import Catalog, Family, default_catalog
+from fleet.models.registry import ModelConfigError, ModelRegistry, registry_from_file
 from fleet.obs.logs import configure_logging, get_logger
 from fleet.queues import queues_for_worker
 from fleet.registry import Heartbeat, WorkerInfo
@@ -27,8 +35,41 @@ from fleet.tls import redis_client
 from workers import apicontrol, lease, preemption, shutdown
 from workers import identity as ident
 from workers.detect import Detected, detect
+from workers.engines import engine_class
+from workers.serving import ServingError, engine_runtime, serving_plan
 
 log = get_logger("fleet.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """What a worker is told to serve: an engine, the models to hold, the config of the registry."""
+
+    engine: str = "reference"
+    models: tuple[str, ...] = ()
+    config_path: str | None = None
+
+
+def plan_serving(
+    me: ident.WorkerIdentity, family: Family, serve: Serve, registry: ModelRegistry, namespace: str
+) -> ident.WorkerIdentity:
+    """``me`` with its engine, held models and model queues (pure but for the engine check).
+
+    Raises:
+        ServingError: unknown model, an engine the model does not allow, an engine that does
+            not run here (missing package, no device), more than one model for vLLM.
+
+    """
+    engine = engine_class(serve.engine)
+    runtime = engine_runtime(family, engine, emulated=me.emulated)
+    why = engine.unavailable(runtime)
+    if why is not None:
+        raise ServingError(f"engine {engine.name} is unavailable on {runtime}: {why}")
+    if engine.name == "vllm" and len(serve.models) != 1:
+        raise ServingError("engine vllm serves one model per worker: give exactly one --model")
+    plan = serving_plan(registry, engine, serve.models, family)
+    held = tuple(registry.get(m).name for m in serve.models)
+    return ident.with_engine(me, family, engine.name, plan, held, runtime.value, namespace)
 
 
 def resolve_identity(
@@ -74,6 +115,7 @@ def start(
     loglevel: str = "INFO",
     metrics_port: int | None = None,
     api: str | None = None,
+    serve: Serve | None = None,
 ) -> None:
     """Run the worker in this process until it is stopped (SIGTERM: warm shutdown).
 
@@ -81,12 +123,17 @@ def start(
     ``api-<provider>``, consuming only ``inference.api-<provider>`` on a threads pool
     (default 16 threads), forwarding each task to the provider's endpoint.
 
+    With ``serve`` (an engine and models), see the module docstring.
+
     Raises:
         KeyError: an unknown accelerator, or a provider without API offers.
+        ServingError: the engine or a model cannot be served here (the message says why).
 
     """
     settings = Settings.from_env()
     catalog = default_catalog()
+    serve = serve or Serve()
+    registry: ModelRegistry | None = None
     if api is not None:
         me = ident.api_identity(catalog, api, concurrency, settings.namespace)
         pool = "solo" if pool == "solo" else "threads"  # I/O-bound: threads, not processes
@@ -95,7 +142,14 @@ def start(
         me = resolve_identity(
             catalog, accelerator, devices, concurrency, settings.namespace, detected
         )
+        try:
+            registry = registry_from_file(serve.config_path or settings.config_path)
+        except ModelConfigError as exc:
+            raise ServingError(str(exc)) from None
+        me = plan_serving(me, catalog.family(me.accelerator), serve, registry, settings.namespace)
     os.environ[ident.ENV_VAR] = me.to_json()
+    if serve.config_path:  # pool processes read the same registry
+        os.environ["FLEET_CONFIG"] = serve.config_path
     node = hostname or f"{me.accelerator}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     configure_logging(loglevel)
     log.info(
@@ -105,13 +159,19 @@ def start(
         accelerator=me.accelerator,
         devices=me.devices,
         emulated=me.emulated,
+        engine=me.engine,
+        models=list(me.models),
+        runtime=me.runtime,
         note="EMULATED: a CPU process standing in for this accelerator"
         if me.emulated
         else ("API forwarder" if api else "real hardware"),
         queues=list(me.queues),
     )
-    beat = _register_heartbeat(settings, me, node)
+    from workers import engine_host  # noqa: PLC0415 - after the identity is in the environment
+
     stop = shutdown.install()  # SIGTERM: stop consuming, a bounded grace, then requeue
+    host = engine_host.prepare(me, registry, settings, pool, stop)  # vLLM: started, ready
+    beat = _register_heartbeat(settings, me, node, host.ready)
     preemption.install(stop, node, settings.namespace)  # spot notices drain the same way
     if metrics_port:
         from workers import metrics  # noqa: PLC0415
@@ -127,10 +187,18 @@ def start(
 
     from fleet.app import app  # noqa: PLC0415 - after the identity is in the environment
 
+    host.install(app)  # in-process engines: load in each pool process, after the fork
     lease.install(app, settings)  # Redis: extend the leases of the messages this worker holds
     if api is not None:  # the autoscaler sets its in-flight limit (fleet_api_concurrency)
         apicontrol.install(app, None if beat is None else _report_limit(beat))
     _check_consumer_timeout(settings, me.queues, app.conf.broker_use_ssl)
+    try:
+        _run_celery(app, me, pool, node, loglevel)
+    finally:
+        host.stop()
+
+
+def _run_celery(app: Any, me: ident.WorkerIdentity, pool: str, node: str, loglevel: str) -> None:  # noqa: ANN401 - the Celery app
     app.worker_main(
         [
             "worker",
@@ -173,7 +241,7 @@ def _report_limit(beat: Heartbeat) -> Callable[[int], None]:
 
 
 def _register_heartbeat(
-    settings: Settings, me: ident.WorkerIdentity, node: str
+    settings: Settings, me: ident.WorkerIdentity, node: str, ready: Callable[[], bool]
 ) -> Heartbeat | None:
     if not settings.is_redis:
         return None
@@ -187,8 +255,16 @@ def _register_heartbeat(
         product=me.product,
         concurrency=me.concurrency,
         instance_id=os.environ.get("FLEET_INSTANCE_ID"),
+        engine=me.engine,
+        models=me.models,
+        ready=ready(),
     )
-    beat = Heartbeat(redis_client(settings.broker_url, settings.tls), info, settings.namespace)
+    beat = Heartbeat(
+        redis_client(settings.broker_url, settings.tls),
+        info,
+        settings.namespace,
+        refresh=lambda i: replace(i, ready=ready()),
+    )
 
     @signals.worker_ready.connect(weak=False)
     def _on_ready(**_: Any) -> None:  # noqa: ANN401 - Celery signal arguments

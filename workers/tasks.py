@@ -29,9 +29,10 @@ from fleet.compat import devices_needed, memory_needed_gb
 from fleet.obs.logs import get_logger
 from fleet.settings import Settings
 from fleet.spec import SpecError, TaskSpec, check_size, parse_spec
-from workers import apicontrol, identity, once
+from workers import apicontrol, engine_host, identity, once, serving
 from workers import metrics as worker_metrics
 from workers.devices import DeviceLeases
+from workers.engines.base import EngineRequest
 from workers.handlers import HandlerContext, HandlerError, run_handler
 from workers.intake import GUARDED_STRATEGY
 
@@ -168,7 +169,11 @@ def execute(
             devices=leased,
         )
         try:
-            output = run_handler(task, ctx)
+            if me.engine == "reference" or me.api_provider:
+                output = run_handler(task, ctx)
+                made = _made_by_reference(task, output)
+            else:
+                output, made = _run_engine(task, me, ctx, settings)
         except HandlerError as exc:
             raise TaskRefusedError(f"bad input: {WITHHELD if task.sensitive else exc}") from None
         except Exception as exc:
@@ -213,7 +218,84 @@ def execute(
         # Known after the run only where the work is priced per token (API pools).
         "actual_cost_usd": output.get("actual_cost_usd"),
         "tokens": {"in": output.get("tokens_in"), "out": output.get("tokens_out")},
+        **made,
     }
+
+
+def _made_by_reference(task: TaskSpec, output: dict[str, Any]) -> dict[str, Any]:
+    """How a reference (or API) result was made: no real model ran here."""
+    api = output.get("engine") == "api" or str(output.get("engine", "")).startswith("api")
+    return {
+        "engine": {"name": "api" if api else "reference", "version": output.get("engine")},
+        "reference": not api,
+        "model": {"name": task.model.name, "revision": None, "pretrained": None},
+        "ttft_s": output.get("ttft_s"),
+        "tokens_per_s": None,
+        "device": "cpu" if not api else None,
+    }
+
+
+def _run_engine(
+    task: TaskSpec, me: identity.WorkerIdentity, ctx: HandlerContext, settings: Settings
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``task`` on this process's real engine; returns the output and how it was made.
+
+    Raises:
+        TaskRefusedError: the worker does not hold the task's model (nor loads it on demand).
+        HandlerError: bad input.
+        EngineError: the engine failed (retried by the guard).
+
+    """
+    state = engine_host.process_serving(me, settings)
+    entry = state.model_for(task.model.name, task.kind)
+    on_demand = task.kind in state.engine.loads_on_demand
+    if entry is None or (entry.name not in me.models and not on_demand):
+        held = ", ".join(me.models) or "none"
+        log.warning("task.refused", reason="model not held", model=task.model.name, held=held)
+        raise TaskRefusedError(
+            f"model {task.model.name!r} is not held by this worker (holds {held})"
+        )
+    state.hold(entry)  # a no-op for held models; training loads on demand
+    request = EngineRequest(
+        spec=task,
+        model=entry,
+        weights=state.weights_of(entry),
+        task_id=ctx.task_id,
+        device=state.device,
+        devices=ctx.devices,
+        artifact_dir=settings.artifact_dir,
+    )
+    made = state.engine.run(request)
+    output: dict[str, Any] = {
+        "kind": task.kind.value,
+        "model": entry.name,
+        "emulated": me.emulated,
+        **made.output,
+        "tokens_in": made.tokens_in,
+        "tokens_out": made.tokens_out,
+    }
+    return output, {
+        "engine": {"name": state.engine.name, "version": state.engine.version()},
+        "reference": False,
+        "model": {
+            "name": entry.name,
+            "revision": entry.revision,
+            "pretrained": entry.pretrained,
+            **({} if entry.pretrained else {"note": "RANDOM WEIGHTS: not a pretrained model"}),
+        },
+        "ttft_s": made.ttft_s,
+        "tokens_per_s": made.tokens_per_s,
+        "device": state.device,
+        "engine_run_s": made.run_s,
+    }
+
+
+def _engine_ready(me: identity.WorkerIdentity) -> bool:
+    """Whether this process's engine serves its models (reference: always)."""
+    if me.engine == "reference":
+        return True
+    state = serving.current()
+    return state is not None and all(state.engine.ready(m) for m in me.models)
 
 
 def _fit_check(task: TaskSpec, me: identity.WorkerIdentity) -> int:
@@ -252,6 +334,9 @@ def fleet_identity(state: Any, **_: Any) -> dict[str, Any]:  # noqa: ANN401, ARG
         "queues": list(me.queues),
         # An API worker's in-flight limit (``workers.apicontrol``); else the pool size.
         "concurrency": apicontrol.current_limit(me),
+        "engine": me.engine,
+        "models": list(me.models),
+        "ready": _engine_ready(me),
         "instance_id": os.environ.get("FLEET_INSTANCE_ID"),
         "active": len(worker_state.active_requests),
     }

@@ -9,6 +9,14 @@ processes that emulate the accelerator; ``price_as`` names the cloud offer whose
 and device count they stand in for. ``FLEET_BROKER_URL`` overrides ``fleet.broker_url``.
 ``[[api_pools]]`` (``fleet.autoscaler.apipools``) adds token-priced API pools, scaled by
 worker concurrency; declaring any turns on placement to API pools for this fleet.
+
+A pool may declare the registry ``models`` its workers hold and the ``engine`` that runs
+them (default: ``reference`` without models, else the first engine every model allows that
+runs on the pool's chip). It then serves those models' queues (``...@<model>``); a
+``reference`` pool also serves the plain queues, any other pool only its models'. Every
+model must be in the config's registry and allow the engine, and the engine must run on the
+pool's accelerator (``fleet.modelfit.ENGINE_RUNTIMES``); errors name the key
+(``pools[2].models[0]: ...``).
 """
 
 from __future__ import annotations
@@ -24,11 +32,20 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fleet.autoscaler.apipools import ApiPoolConfig, api_pool_offers, api_pool_problem
-from fleet.catalog import Catalog, Market, Offer, default_catalog
+from fleet.catalog import Catalog, Family, Market, Offer, default_catalog
+from fleet.modelfit import default_engine, engine_runs_on, models_load_s
+from fleet.models.registry import (
+    DEFAULT_LOAD_GBPS,
+    ModelConfigError,
+    ModelEntry,
+    ModelRegistry,
+    builtin_entries,
+)
 from fleet.spec import closest_accelerators
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 ProviderName = Literal["aws", "gcp", "azure", "local", "fake"]
+EngineName = Literal["transformers", "vllm", "reference"]
 CLOUD_OF: dict[str, str | None] = {
     "aws": "aws",
     "gcp": "gcp",
@@ -61,6 +78,8 @@ class PoolConfig(BaseModel):
         default=None, description="local/fake pools: cloud/region/instance_type"
     )
     devices: Annotated[int, Field(ge=1, le=64)] | None = None
+    models: tuple[Annotated[str, Field(min_length=1, max_length=200)], ...] = ()
+    engine: EngineName | None = None
 
     @field_validator("accelerator")
     @classmethod
@@ -83,12 +102,104 @@ class PoolConfig(BaseModel):
             raise ValueError(
                 f"price_as: a {self.provider} pool needs the cloud offer it stands in for"
             )
+        if len(set(self.models)) < len(self.models):
+            raise ValueError(f"models: listed twice in {list(self.models)}")
+        if self.engine not in (None, "reference") and not self.models:
+            raise ValueError(
+                f"engine: a {self.engine} pool serves only the models it holds; name them in models"
+            )
         return self
 
     @property
     def cloud(self) -> str | None:
         """The cloud whose offers this pool buys (None for local and fake pools)."""
         return CLOUD_OF[self.provider]
+
+    def model_entries(self, registry: ModelRegistry) -> tuple[ModelEntry, ...]:
+        """The registry entries of ``models`` (aliases resolved), in order.
+
+        Raises:
+            KeyError: a model is not in ``registry`` (a validated config never has one).
+
+        """
+        return tuple(registry.get(name) for name in self.models)
+
+    def resolved_engine(self, registry: ModelRegistry) -> str:
+        """``engine``, or the default: the first engine every model allows that runs here."""
+        if self.engine is not None:
+            return self.engine
+        return default_engine(self.model_entries(registry), _family(self.accelerator))
+
+    def serves_plain(self, registry: ModelRegistry) -> bool:
+        """Whether the pool serves the plain queues (a ``reference`` pool does)."""
+        return self.resolved_engine(registry) == "reference"
+
+    def model_names(self, registry: ModelRegistry) -> frozenset[str]:
+        """Canonical names of the models whose queues the pool serves."""
+        return frozenset(e.name for e in self.model_entries(registry))
+
+    def load_s(self, registry: ModelRegistry) -> float:
+        """Seconds a new instance spends reading its models (at the registry's bandwidth)."""
+        return models_load_s(self.model_entries(registry), registry.load_gbps)
+
+    def worker_env(self, registry: ModelRegistry) -> dict[str, str]:
+        """``FLEET_ENGINE`` and ``FLEET_MODELS`` for the pool's workers (empty: a plain pool).
+
+        ``fleet worker`` reads them as the defaults of ``--engine`` and ``--model``; the
+        local provider turns them into those flags, cloud bootstraps write them into the
+        worker's environment file.
+        """
+        if not self.models and self.engine in (None, "reference"):
+            return {}
+        names = ",".join(e.name for e in self.model_entries(registry))
+        return {"FLEET_ENGINE": self.resolved_engine(registry), "FLEET_MODELS": names}
+
+
+def _family(accelerator: str) -> Family | None:
+    return default_catalog().families.get(accelerator)
+
+
+def pool_model_problems(
+    pools: tuple[PoolConfig, ...], registry: ModelRegistry
+) -> list[str]:
+    """What is wrong with the pools' models and engines, each naming its key.
+
+    A model not in ``registry`` (``pools[2].models[0]: no model 'x' in the registry (known:
+    ...)``); an engine a model does not allow, or one that does not run on the pool's
+    accelerator (``pools[2].engine: ...``).
+    """
+    problems: list[str] = []
+    known = ", ".join(registry.names()) or "none"
+    for i, pool in enumerate(pools):
+        entries: list[ModelEntry] = []
+        for j, name in enumerate(pool.models):
+            entry = registry.find(name)
+            if entry is None:
+                problems.append(
+                    f"pools[{i}].models[{j}]: no model {name!r} in the registry (known: {known})"
+                )
+            else:
+                entries.append(entry)
+        if len(entries) < len(pool.models):
+            continue
+        named = pool.engine is not None
+        engine = pool.engine or default_engine(entries, _family(pool.accelerator))
+        how = "" if named else " (the default)"
+        refused = [e.name for e in entries if engine not in e.engines]
+        if refused:
+            allowed = ", ".join(entries[0].engines if len(refused) == len(entries) else ())
+            problems.append(
+                f"pools[{i}].engine: {engine}{how} is not allowed for {', '.join(refused)}"
+                + (f" (allowed: {allowed})" if allowed else "; the pool's models share no engine")
+            )
+            continue
+        family = _family(pool.accelerator)
+        if family is not None and not engine_runs_on(engine, family.runtimes):
+            problems.append(
+                f"pools[{i}].engine: {engine}{how} does not run on {pool.accelerator}"
+                f" (runtime {', '.join(sorted(family.runtimes))})"
+            )
+    return problems
 
 
 class FleetConfig(BaseModel):
@@ -161,6 +272,13 @@ class AutoscalerConfig(BaseModel):
     providers: ProviderSettings = ProviderSettings()
     pools: tuple[PoolConfig, ...] = ()
     api_pools: tuple[ApiPoolConfig, ...] = ()
+    models: tuple[ModelEntry, ...] = ()
+    model_load_gbps: Annotated[float, Field(gt=0, le=10_000)] = DEFAULT_LOAD_GBPS
+
+    @property
+    def registry(self) -> ModelRegistry:
+        """The built-in models plus this file's ``[[models]]`` (``fleet.models.registry``)."""
+        return ModelRegistry((*builtin_entries(), *self.models), self.model_load_gbps)
 
     @model_validator(mode="after")
     def _unique(self) -> AutoscalerConfig:
@@ -172,6 +290,17 @@ class AutoscalerConfig(BaseModel):
         dupes = sorted(n for n, c in providers.items() if c > 1)
         if dupes:
             raise ValueError(f"api_pools: duplicate providers {dupes}")
+        models = Counter(m.name for m in self.models)
+        dupes = sorted(n for n, c in models.items() if c > 1)
+        if dupes:
+            raise ValueError(f"models: duplicate names {dupes}")
+        try:
+            registry = self.registry
+        except ModelConfigError as exc:
+            raise ValueError(str(exc)) from None
+        problems = pool_model_problems(self.pools, registry)
+        if problems:
+            raise ValueError("; ".join(problems))
         names = {p.name for p in self.pools}
         for i, api in enumerate(self.api_pools):
             if api.overflow_pool is not None and api.overflow_pool not in names:
@@ -223,7 +352,9 @@ def parse_config(
             key = ""
             for part in parts:
                 key += f"[{part}]" if part.isdigit() else (f".{part}" if key else part)
-            lines.append(f"{key or '(file)'}: {err['msg'].removeprefix('Value error, ')}")
+            msg = err["msg"].removeprefix("Value error, ")
+            # A check across sections (the after-validator) names its own keys.
+            lines.append(f"{key}: {msg}" if key else msg)
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
     problems = [
         f"pools[{i}]: {why}"

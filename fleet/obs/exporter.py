@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 import redis
 from kombu.exceptions import OperationalError
 
+from fleet.app import app_models
 from fleet.catalog import Catalog
 from fleet.obs.metrics import UNPOOLED, FleetMetrics
 from fleet.queues import all_queue_names
@@ -99,7 +100,7 @@ def run_exporter(
     """
     metrics = metrics or FleetMetrics()
     stop = stop or threading.Event()
-    names = all_queue_names(catalog, settings.namespace)
+    names = all_queue_names(catalog, settings.namespace, app_models(settings))
     source, workers_source = sources_for(settings)
     server, thread = metrics.serve(port, addr)
     try:

@@ -1,0 +1,180 @@
+"""Where a worker's engine lives and when it loads: the parent, the pool processes, or nowhere.
+
+``prepare(me, registry, settings, pool)`` runs in the worker's main process before Celery
+starts and returns an ``EngineHost``:
+
+* reference: nothing to load; always ready.
+* vllm: the parent starts the supervised server (``workers.engines.vllm``) and waits until
+  it serves the model (``GET /v1/models``) before the worker consumes; pool processes reach
+  it over HTTP (``FLEET_VLLM_BASE_URL``). When the supervisor sees the server die, the
+  running tasks are cancelled unacked (``GracefulStop.requeue_running``, the drain path) so
+  their messages go back to the queue, and the server is restarted with back-off.
+* transformers (in-process): with the prefork pool every pool process loads the models in
+  Celery's ``worker_process_init`` (after the fork: the parent never imports torch); Celery
+  gives a pool process no task before its initializer returns, and the process start
+  timeout is raised to the load deadline. With solo or threads pools the main process loads
+  before consuming. Each loaded process marks itself ready (``workers.serving``).
+
+``host.ready()`` feeds the heartbeat (``fleet status``, Flower via ``fleet_identity``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+
+from fleet.catalog import default_catalog
+from fleet.models.registry import registry_from_file
+from fleet.models.weights import resolve
+from fleet.obs.logs import get_logger
+from workers import serving
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from fleet.models.registry import ModelRegistry
+    from fleet.settings import Settings
+    from workers.engines.base import Engine
+    from workers.identity import WorkerIdentity
+    from workers.shutdown import GracefulStop
+
+log = get_logger("fleet.worker")
+ENV_VLLM_URL = "FLEET_VLLM_BASE_URL"
+
+
+def device_for(runtime: str, index: int, devices: int) -> str:
+    """The torch device of pool process ``index``: ``cpu``, or ``cuda:<i>`` (ROCm too)."""
+    if runtime in {"cuda", "rocm"}:
+        return f"cuda:{index % max(1, devices)}"
+    return "cpu"
+
+
+def load_deadline_s(me: WorkerIdentity, registry: ModelRegistry) -> float:
+    """How long loading may take: the family's cold start plus the held models' load times."""
+    family = default_catalog().family(me.accelerator)
+    load = sum(registry.get(m).load_s(registry.load_gbps) for m in me.models)
+    return family.cold_start_s + load
+
+
+@dataclass
+class EngineHost:
+    """The worker's engine placement; see the module docstring."""
+
+    me: WorkerIdentity
+    registry: ModelRegistry | None = None
+    settings: Settings | None = None
+    pool: str = "prefork"
+    server: Engine | None = None  # vLLM: the supervised server, owned by the parent
+    local: serving.Serving | None = None  # solo/threads: loaded in this process
+    stopper: GracefulStop | None = None
+    _ready_dir: Any = field(default=None)
+
+    def ready(self) -> bool:
+        """Whether the engine serves every held model now."""
+        if self.me.engine == "reference" or not self.me.models:
+            return self.me.engine == "reference" or self.local is not None
+        if self.server is not None:
+            return all(self.server.ready(m) for m in self.me.models)
+        if self.local is not None:
+            return True
+        return serving.ready_processes(self._ready_dir) >= self.me.concurrency
+
+    def install(self, app: Celery) -> None:
+        """Hook in-process loading into the pool processes (prefork), before Celery starts."""
+        if self.me.engine == "reference" or self.registry is None or self.settings is None:
+            return
+        if self.server is not None or self.local is not None:
+            return
+        app.conf.worker_proc_alive_timeout = load_deadline_s(self.me, self.registry)
+        registry, settings, me = self.registry, self.settings, self.me
+        ready_dir = self._ready_dir
+
+        @signals.worker_process_init.connect(weak=False)
+        def _load(**_: Any) -> None:  # noqa: ANN401 - Celery signal arguments
+            from billiard.process import current_process  # noqa: PLC0415
+
+            index = getattr(current_process(), "index", 0) or 0
+            device = device_for(me.runtime, int(index), me.devices)
+            engine = serving.build_engine(me.engine, device)
+            serving.setup(engine, registry, settings.model_cache, me.models, device)
+            serving.mark_ready(ready_dir)
+            log.info("engine.ready", engine=me.engine, models=list(me.models), device=device)
+
+    def on_server_down(self) -> None:
+        """The vLLM server died: requeue the running tasks through the drain path."""
+        log.warning("engine.server_down", engine=self.me.engine, models=list(self.me.models))
+        if self.stopper is not None:
+            self.stopper.requeue_running("engine server down")
+
+    def stop(self) -> None:
+        """Stop a server engine this process started; idempotent."""
+        if self.server is not None:
+            self.server.stop()
+        if self.local is not None:
+            self.local.engine.stop()
+
+
+def prepare(
+    me: WorkerIdentity,
+    registry: ModelRegistry | None,
+    settings: Settings,
+    pool: str,
+    stopper: GracefulStop | None = None,
+) -> EngineHost:
+    """Set up the engine for ``me`` in the worker's main process; see the module docstring.
+
+    Raises:
+        workers.engines.base.EngineError: a server engine did not become ready in time.
+        fleet.models.weights.WeightsError: weights missing or not fetchable.
+
+    """
+    host = EngineHost(me, registry, settings, pool, stopper=stopper)
+    host._ready_dir = serving.ready_dir(os.getpid())  # noqa: SLF001 - set once, here
+    if me.engine == "reference" or registry is None:
+        return host
+    if me.engine == "vllm":
+        from workers.engines.vllm import VllmEngine  # noqa: PLC0415
+
+        entry = registry.get(me.models[0])
+        weights = resolve(entry, settings.model_cache)
+        server = VllmEngine(
+            runtime=me.runtime,
+            devices=me.devices,
+            ready_timeout_s=load_deadline_s(me, registry),
+            on_down=host.on_server_down,
+        )
+        log.info("engine.starting", engine="vllm", model=entry.name, weights=str(weights))
+        server.load(entry, weights)  # waits until /v1/models lists the model
+        os.environ[ENV_VLLM_URL] = server.base_url
+        host.server = server
+        log.info("engine.ready", engine="vllm", model=entry.name, url=server.base_url)
+        return host
+    if pool in {"solo", "threads"}:
+        device = device_for(me.runtime, 0, me.devices)
+        engine = serving.build_engine(me.engine, device)
+        host.local = serving.setup(engine, registry, settings.model_cache, me.models, device)
+        log.info("engine.ready", engine=me.engine, models=list(me.models), device=device)
+    return host
+
+
+def process_serving(me: WorkerIdentity, settings: Settings) -> serving.Serving:
+    """The serving state of this process, set up now if the process has none yet.
+
+    A pool process of a vLLM worker gets a client of the parent's server; an in-process
+    engine whose pool process was not initialised by ``install`` loads here.
+    """
+    state = serving.current()
+    if state is not None:
+        return state
+    registry = registry_from_file(settings.config_path)
+    if me.engine == "vllm":
+        from workers.engines.vllm import VllmEngine  # noqa: PLC0415
+
+        client = VllmEngine.client(os.environ[ENV_VLLM_URL], me.models[0])
+        return serving.setup(client, registry, settings.model_cache, me.models, "server")
+    device = device_for(me.runtime, 0, me.devices)
+    engine = serving.build_engine(me.engine, device)
+    return serving.setup(engine, registry, settings.model_cache, me.models, device)
