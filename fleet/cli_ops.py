@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from fleet.autoscaler.config import AutoscalerConfig, ConfigError, load_config
@@ -26,7 +27,7 @@ def _config(path: str) -> AutoscalerConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        err.print(f"[red]invalid config:[/] {exc}")
+        err.print(f"[red]invalid config:[/] {escape(str(exc))}")
         sys.exit(EXIT_INPUT)
 
 

@@ -51,6 +51,11 @@ def _hf_snapshot(root: Path, repo: str, revision: str) -> Path:
     return base / "snapshots" / commit
 
 
+def build_dir(entry: ModelEntry, cache: Path) -> Path:
+    """Where a ``build`` source is built in ``cache`` (``tiny-llama-seed0``)."""
+    return cache / f"{entry.source.build}-seed{entry.source.seed}"
+
+
 def _build_elsewhere(target: Path, seed: int) -> None:
     """Build tiny-llama in a child process: the caller (a worker's parent) never imports torch."""
     cmd = [sys.executable, "-m", "fleet.models.tinyllama", str(target), str(seed)]
@@ -70,7 +75,7 @@ def resolve(entry: ModelEntry, cache: Path) -> Path:
     src = entry.source
     kind = src.kind
     if kind == "build":
-        target = cache / f"{src.build}-seed{src.seed}"
+        target = build_dir(entry, cache)
         with _locked(cache, target.name):
             if not tinyllama.is_built(target):
                 _build_elsewhere(target, src.seed)
