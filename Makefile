@@ -8,7 +8,7 @@ CONFIG ?= infra/fleet.toml
 TORCH_VERSION ?= 2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format typecheck test test-unit test-integration test-faults check demo bench worker status catalog route workflow dlq api-server autoscale plan scale drain simulate trace flower exporter config-check clean
+.PHONY: help install lint format typecheck test test-unit test-integration test-faults check demo bench worker status catalog route workflow dlq api-server autoscale plan scale drain simulate trace flower exporter config-check clean gpu-check gpu-carry gpu-annotate gpu-rehearse models
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -97,6 +97,21 @@ flower: $(STAMP) ## Flower on FLEET_BROKER_URL at http://127.0.0.1:5555; ADDRESS
 
 exporter: $(STAMP) ## Prometheus metrics for FLEET_BROKER_URL on http://127.0.0.1:9808/metrics
 	$(BIN)/fleet exporter
+
+gpu-check: ## GPU check on a lent NVIDIA machine, with that machine's python: make gpu-check [OUT=...] [GPU_PYTHON=python3]
+	$(or $(GPU_PYTHON),python3) bench/gpu_check.py --out $(or $(OUT),bench/results/gpu_check.json)
+
+gpu-carry: $(STAMP) ## Write .gpu-carry/minilm-fp16 (46 MB fp16 MiniLM) for a lent machine; carry .gpu-carry
+	$(BIN)/python bench/gpu_check.py --export-minilm-fp16 .gpu-carry/minilm-fp16
+
+gpu-annotate: $(STAMP) ## Add fleet's throughput predictions to a GPU check report: make gpu-annotate FILE=...
+	$(BIN)/python bench/gpu_check.py --annotate $(FILE)
+
+gpu-rehearse: $(STAMP) ## The GPU check's code paths on this CPU (toy shapes; no GPU figure)
+	$(BIN)/python bench/gpu_check.py --device cpu --small --out bench/results/gpu_check_rehearsal.json
+
+models: $(STAMP) ## The model registry: make models [CONFIG=...]; fleet models show|verify|build for more
+	$(BIN)/fleet models list --config $(CONFIG)
 
 config-check: $(STAMP) ## Validate CONFIG
 	$(BIN)/fleet config check $(CONFIG)
