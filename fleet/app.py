@@ -132,7 +132,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = Celery(
         "fleet", broker=settings.broker_url, backend=settings.result_backend, set_as_current=False
     )
-    names = all_queue_names(default_catalog(), settings.namespace, app_models(settings))
+    models = app_models(settings)
+    names = all_queue_names(default_catalog(), settings.namespace, models)
     queues = [kombu_queue(n) for n in names]
     if not settings.is_redis:
         for q in queues:
@@ -156,7 +157,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_default_routing_key=f"{settings.namespace}fleet.unrouted",
         task_queue_max_priority=9,
         task_default_priority=0,
-        task_routes=(partial(route_task, namespace=settings.namespace),),
+        task_routes=(partial(route_task, namespace=settings.namespace, models=models),),
         broker_transport_options=broker_transport_options(settings),
         result_backend_transport_options=broker_transport_options(settings)
         if settings.is_redis

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from fleet.catalog import Catalog, CatalogError, default_catalog, load_catalog
+from fleet.models.registry import ModelConfigError, ModelRegistry
 from fleet.placement import NoPlacementError, Placement, Policy, place
 from fleet.settings import Settings, masked
 from fleet.spec import SpecError, TaskSpec, check_size, parse_spec
@@ -97,11 +98,24 @@ def _no_placement(exc: NoPlacementError, *, as_json: bool) -> NoReturn:
                 indent=2,
             )
         )
+    elif not exc.rejected:  # refused before any accelerator was weighed (context too long)
+        err.print(f"[red]{escape(str(exc))}[/]")
     else:
         err.print("[red]no accelerator can run this task:[/]")
         for r in exc.rejected:
             err.print(f"  {r.accelerator:18} {r.reason}")
     sys.exit(EXIT_INPUT)
+
+
+def _registry() -> ModelRegistry:
+    """The model registry of ``FLEET_CONFIG`` (built-ins without one); a bad config exits 2."""
+    from fleet.routing import env_registry  # noqa: PLC0415
+
+    try:
+        return env_registry()
+    except ModelConfigError as exc:
+        err.print(f"[red]invalid config:[/] {escape(str(exc))}")
+        sys.exit(EXIT_INPUT)
 
 
 def _print_placement(p: Placement) -> None:
@@ -158,7 +172,7 @@ def route(
     spec = _parse_one(spec_file)
     catalog = _load_catalog(catalog_dir)
     try:
-        p = place(spec, catalog, None, Policy(policy), pin)
+        p = place(spec, catalog, None, Policy(policy), pin, models=_registry())
     except NoPlacementError as exc:
         _no_placement(exc, as_json=as_json)
     except (ValueError, KeyError) as exc:

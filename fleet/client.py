@@ -24,14 +24,20 @@ from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
 
 from fleet.app import TASK_NAME, TIME_LIMITS, app_models, create_app
-from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools, load_config
+from fleet.autoscaler.config import (
+    AutoscalerConfig,
+    catalog_for_model,
+    catalog_for_pools,
+    load_config,
+)
 from fleet.catalog import Catalog, default_catalog
+from fleet.modelfit import served_entry
 from fleet.models.registry import ModelRegistry
 from fleet.obs.logs import get_logger
 from fleet.placement import Placement, Policy, api_summary, place
 from fleet.queues import all_queue_names
 from fleet.settings import Settings
-from fleet.spec import TaskSpec, check_size, parse_spec
+from fleet.spec import TaskKind, TaskSpec, check_size, parse_spec
 from fleet.stats import AmqpStats, RedisStats, StatsCache, StatsSource
 from fleet.submiterrors import PUBLISH_ERRORS, as_submit_error
 from fleet.tls import redis_client
@@ -101,6 +107,9 @@ class Fleet:
         self.settings = settings or Settings.from_env()
         self.app = app or create_app(self.settings)
         self.catalog = catalog or default_catalog()
+        self._base_catalog = self.catalog
+        self._pools = pools
+        self._model_catalogs: dict[tuple[str | None, TaskKind], Catalog] = {}
         if pools is not None:
             self.catalog = catalog_for_pools(self.catalog, pools)
         if models is None:
@@ -138,13 +147,25 @@ class Fleet:
         spec = spec if isinstance(spec, TaskSpec) else parse_spec(spec)
         return place(
             spec,
-            self.catalog,
+            self._catalog_for(spec),
             self._stats.loads(),
             policy,
             pin,
             self.settings.namespace,
             models=self.models,
         )
+
+    def _catalog_for(self, spec: TaskSpec) -> Catalog:
+        """The catalog to place ``spec`` on: with pools, only where a pool serves its model."""
+        if self._pools is None:
+            return self.catalog
+        entry = served_entry(spec, self.models)
+        key = (None if entry is None else entry.name, spec.kind)
+        found = self._model_catalogs.get(key)
+        if found is None:
+            found = catalog_for_model(self._base_catalog, self._pools, key[0], spec.kind)
+            self._model_catalogs[key] = found
+        return found
 
     def _options(self, spec: TaskSpec, placement: Placement) -> dict[str, Any]:
         limit = TIME_LIMITS[spec.kind]
@@ -247,7 +268,7 @@ class Fleet:
                 key = (spec.kind, spec.model, spec.tokens_in, spec.tokens_out, spec.requirements,
                        spec.training_method, spec.slo, spec.budget)  # fmt: skip
                 placement = decided.get(key) or place(
-                    spec, self.catalog, loads, policy, None, self.settings.namespace,
+                    spec, self._catalog_for(spec), loads, policy, None, self.settings.namespace,
                     models=self.models,
                 )  # fmt: skip
                 decided[key] = placement

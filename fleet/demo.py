@@ -1,12 +1,15 @@
 """``make demo``: the whole path of a mixed workload, on a throwaway broker, in under two minutes.
 
 1. Uses ``FLEET_BROKER_URL`` when set, else starts a private Redis on a free port.
-2. Routes a multi-agent workload (embeddings, small-model calls, a 70B call, a
-   405B-class call, a LoRA fine-tune) and starts one EMULATED worker (a local CPU
-   process standing in for the chip) for each accelerator and device tier chosen.
-3. Submits everything in one batch, prints where each task went and why, the real
-   results the CPU reference handlers computed, and the estimated cost against running
-   the same work on on-demand H100s (AWS p5).
+2. Routes a multi-agent workload (MiniLM embeddings, tiny-llama agent calls, a 70B call, a
+   405B-class call, a tiny-llama LoRA fine-tune) and starts, for each accelerator chosen,
+   workers on this CPU: a ``transformers`` engine worker holding the registry models its
+   queues need (real MiniLM weights; tiny-llama, whose weights are random), and a
+   ``reference`` worker for the models no engine here can hold (70B, 405B). Workers standing
+   in for a chip this machine lacks are EMULATED and say so; reference output says so too.
+3. Submits everything in one batch, prints where each task went and why, what each engine
+   returned, and the estimated cost against running the same work on on-demand H100s
+   (AWS p5).
 3b. Runs a multi-agent workflow (``fleet.demo_workflow``) whose steps are placed one by
    one, on three chip families and one API pool served by the EMULATED OpenAI-compatible
    server, printing each step's placement and cost.
@@ -21,7 +24,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +33,18 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet.client import Fleet, TaskHandle
-from fleet.demo_workflow import agent_workflow, chip_tiers, workflow_phase
+from fleet.demo_workflow import agent_workflow, chip_queues, workflow_phase
 from fleet.embedded import embedded_redis
 from fleet.localworkers import LocalWorker, spawn_worker, stop_workers, wait_ready
 from fleet.placement import NoPlacementError, Policy, place
+from fleet.queues import parse_queue
 from fleet.settings import Settings, masked
 from fleet.spec import TaskSpec, parse_spec
 from fleet.status import collect
 
 console = Console(width=None if sys.stdout.isatty() else 132)
-RESULT_TIMEOUT_S = 60.0
+RESULT_TIMEOUT_S = 120.0
+ENGINE_READY_S = 240.0  # engine workers import torch and load their models before consuming
 
 TEXTS = [
     "spot capacity is cheaper than on-demand capacity",
@@ -50,25 +56,34 @@ TEXTS = [
 def workload() -> list[tuple[str, dict[str, Any]]]:
     """The demo's multi-agent pipeline: (step name, TaskSpec JSON)."""
     minilm = {"name": "all-minilm-l6-v2", "params_b": 0.0227, "dtype": "fp32"}
-    llama8 = {"name": "llama-3.1-8b-instruct", "params_b": 8, "dtype": "bf16"}
+    tiny = {"name": "tiny-llama", "params_b": 0.00316, "dtype": "fp32"}
     steps: list[tuple[str, dict[str, Any]]] = [
         (
             f"embed docs {i}",
-            {"kind": "embedding", "model": minilm, "input": {"texts": TEXTS}, "tokens_in": 40},
+            {
+                "kind": "embedding",
+                "model": minilm,
+                "input": {"texts": TEXTS},
+                "tokens_in": 40,
+                # chips whose runtime the transformers engine serves (a TPU would need vLLM)
+                "requirements": {"runtimes": ["cuda", "rocm", "cpu"]},
+            },
         )
         for i in range(3)
     ]
     steps += [
         (
-            f"agent call {i}",
+            f"agent call {i} (tiny-llama)",
             {
                 "kind": "inference",
-                "model": llama8,
-                "input": {"prompt": "the queue", "seed": i},
-                "tokens_in": 600,
+                "model": tiny,
+                "input": {"prompt": f"Agent {i}: the queue on the cluster", "temperature": 0},
+                "tokens_in": 12,
                 "tokens_out": 24,
                 "slo": {"deadline_s": 30},
                 "priority": 5,
+                # an emulated L4 running the real engine on this CPU
+                "requirements": {"accelerators": ["nvidia-l4"]},
             },
         )
         for i in range(4)
@@ -97,13 +112,14 @@ def workload() -> list[tuple[str, dict[str, Any]]]:
             },
         ),
         (
-            "fine-tune (8B LoRA)",
+            "fine-tune (tiny-llama LoRA)",
             {
                 "kind": "fine_tune",
-                "model": llama8,
-                "input": {"steps": 150, "seed": 2},
-                "tokens_in": 2_000_000,
+                "model": tiny,
+                "input": {"steps": 20, "seed": 2},
+                "tokens_in": 20_000,
                 "budget": {"max_usd": 5},
+                "requirements": {"accelerators": ["nvidia-l4"]},
             },
         ),
     ]
@@ -136,18 +152,50 @@ def broker_url() -> Iterator[str]:
         yield url
 
 
+@dataclass
+class WorkerPlan:
+    """One worker the demo starts: where, how many devices, which engine and models."""
+
+    accelerator: str
+    engine: str
+    devices: int = 1
+    models: set[str] = field(default_factory=set)
+
+
+def plan_workers(queues: Iterable[str]) -> list[WorkerPlan]:
+    """The workers that serve ``queues``, one per accelerator and engine.
+
+    A transformers worker for model queues (holding the models of its inference and
+    embedding queues; training loads on demand), a reference worker for plain queues.
+    """
+    plans: dict[tuple[str, str], WorkerPlan] = {}
+    for name in queues:
+        ref = parse_queue(name)
+        if ref is None:
+            continue
+        engine = "reference" if ref.model is None else "transformers"
+        plan = plans.setdefault((ref.accelerator, engine), WorkerPlan(ref.accelerator, engine))
+        plan.devices = max(plan.devices, ref.devices)
+        if ref.model is not None and (
+            ref.kind.value in ("inference", "embedding") or not plan.models
+        ):
+            plan.models.add(ref.model)
+    return sorted(plans.values(), key=lambda p: (p.accelerator, p.engine))
+
+
 @contextlib.contextmanager
-def emulated_workers(
-    fleet: Fleet, env: dict[str, str], tiers: dict[str, int], log_dir: Path
+def demo_workers(
+    fleet: Fleet, env: dict[str, str], plans: list[WorkerPlan], log_dir: Path
 ) -> Iterator[list[LocalWorker]]:
-    """One emulated worker per accelerator, with enough devices for its largest task."""
+    """Start the planned workers (engine workers load their models before they consume)."""
     workers: list[LocalWorker] = []
     try:
-        for accelerator, devices in sorted(tiers.items()):
-            workers.append(
-                spawn_worker(env, accelerator, log_dir, devices=devices, loglevel="WARNING")
-            )
-        wait_ready(fleet.app, workers)
+        workers.extend(
+            spawn_worker(env, p.accelerator, log_dir, devices=p.devices, loglevel="WARNING",
+                         engine=p.engine, models=tuple(sorted(p.models)))
+            for p in plans
+        )  # fmt: skip
+        wait_ready(fleet.app, workers, timeout_s=ENGINE_READY_S)
         yield workers
     finally:
         stop_workers(workers)
@@ -158,10 +206,21 @@ def _summary(output: dict[str, Any]) -> str:
     if kind == "embedding":
         return f"{len(output['embeddings'])} vectors of dim {output['dim']}"
     if kind == "inference":
-        return f'"{str(output["text"])[:48]}..."'
+        return f"{str(output['text'])[:40]!r}"
     if kind in ("fine_tune", "training"):
-        return f"loss {output['loss_first']:.3f} -> {output['loss_last']:.3f}, checkpoint written"
+        where = output.get("artifact") or output.get("checkpoint")
+        return f"loss {output['loss_first']:.3f} -> {output['loss_last']:.3f}; {Path(str(where)).name} written"
     return str(output)[:60]
+
+
+def _made_by(r: dict[str, Any]) -> str:
+    engine = r.get("engine") or {}
+    if r.get("reference", True):
+        return "reference handler (NOT a real model)"
+    model = r.get("model") or {}
+    note = "" if model.get("pretrained") else ", random weights"
+    speed = f", {r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""
+    return f"{engine.get('version')}: {model.get('name')}{note}{speed}"
 
 
 def _print_routes(named: list[tuple[str, TaskSpec]], handles: list[TaskHandle]) -> None:
@@ -181,13 +240,16 @@ def _print_routes(named: list[tuple[str, TaskSpec]], handles: list[TaskHandle]) 
 
 
 def _print_results(named: list[tuple[str, TaskSpec]], handles: list[TaskHandle]) -> None:
-    table = Table(
-        "step", "ran on", "result (computed by the CPU reference handler)", title="results"
-    )
+    table = Table("step", "ran on", "made by", "result", title="results")
     for (name, _), h in zip(named, handles, strict=True):
         r = h.get(timeout=RESULT_TIMEOUT_S)
         tag = " (emulated)" if r["emulated"] else ""
-        table.add_row(name, f"{r['accelerator']}{tag} x{len(r['devices'])}", _summary(r["output"]))
+        table.add_row(
+            name,
+            f"{r['accelerator']}{tag} x{len(r['devices'])}",
+            _made_by(r),
+            _summary(r["output"]),
+        )
     console.print(table)
 
 
@@ -214,7 +276,7 @@ def _print_costs(
     for line in missing:
         console.print(f"  not comparable: {line}")
     console.print(
-        "  (estimates from the catalog's prices and the throughput model; the workers here are emulated, so their wall time says nothing about the chips)"
+        "  (estimates from the catalog's prices and the throughput model; the workers here run on this CPU, so their wall time says nothing about the chips)"
     )
 
 
@@ -328,19 +390,21 @@ def run_demo() -> int:
                 "FLEET_BROKER_URL": url,
                 "FLEET_RESULT_BACKEND": os.environ.get("FLEET_RESULT_BACKEND", backend),
                 "FLEET_ARTIFACT_DIR": str(Path(tmp) / "artifacts"),
+                "HF_HUB_OFFLINE": "1",  # engines never reach a model hub
             }
             settings = Settings.from_env({**os.environ, **env})
             with Fleet(settings) as fleet:
-                routes = [fleet.route(spec) for _, spec in named]
-                tiers: dict[str, int] = {}
-                for p in routes:
-                    tiers[p.accelerator] = max(tiers.get(p.accelerator, 1), p.devices)
-                for acc, n in chip_tiers(fleet, agent_workflow()).items():  # the workflow's chips
-                    tiers[acc] = max(tiers.get(acc, 1), n)
+                queues = [fleet.route(spec).queue for _, spec in named]
+                queues += chip_queues(fleet, agent_workflow())  # the workflow's chip steps
+                plans = plan_workers(queues)
                 console.print(
-                    f"starting {len(tiers)} emulated workers (CPU processes standing in for: {', '.join(sorted(tiers))})"
+                    f"starting {len(plans)} workers on this CPU (emulated where the chip is not here): "
+                    + ", ".join(
+                        f"{p.accelerator} {p.engine}{' ' + '+'.join(sorted(p.models)) if p.models else ''}"
+                        for p in plans
+                    )
                 )
-                with emulated_workers(fleet, env, tiers, Path(tmp)):
+                with demo_workers(fleet, env, plans, Path(tmp)):
                     fleet.refresh_stats()  # the workers just registered: see them now
                     handles = fleet.submit_many([spec for _, spec in named])
                     _print_routes(named, handles)

@@ -49,7 +49,8 @@ def agent_workflow() -> Workflow:
                  "tokens_in": 80, "tokens_out": 16, "slo": {"deadline_s": 10}},
                 {"id": "index", "after": ["plan"], "kind": "embedding",
                  "model": {"name": "all-minilm-l6-v2", "params_b": 0.0227, "dtype": "fp32"},
-                 "input": {"texts": [plan_text]}, "tokens_in": 60, "requirements": chips},
+                 "input": {"texts": [plan_text]}, "tokens_in": 60,
+                 "requirements": {**chips, "runtimes": ["cuda", "rocm", "cpu"]}},
                 {"id": "judge", "after": ["research", "index"], "kind": "inference",
                  "model": llama8,
                  "input": {"prompt": {"$join": ["judge: ", {"$from": "research", "path": "text"}]},
@@ -66,16 +67,11 @@ def api_routing(fleet: Fleet) -> Fleet:
     return Fleet(fleet.settings, app=fleet.app, catalog=routing_apis(fleet.catalog))
 
 
-def chip_tiers(fleet: Fleet, workflow: Workflow) -> dict[str, int]:
-    """Accelerators (and device counts) the workflow's chip steps need emulated workers for."""
+def chip_queues(fleet: Fleet, workflow: Workflow) -> list[str]:
+    """The queues of the workflow's chip steps (the demo starts workers for them)."""
     with api_routing(fleet) as api_fleet:
         planned = place_steps(workflow, api_fleet.route)
-    tiers: dict[str, int] = {}
-    for p in planned:
-        acc = p.placement.accelerator
-        if not acc.startswith("api-"):
-            tiers[acc] = max(tiers.get(acc, 1), p.placement.devices)
-    return tiers
+    return [p.placement.queue for p in planned if not p.placement.accelerator.startswith("api-")]
 
 
 @contextlib.contextmanager

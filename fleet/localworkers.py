@@ -1,7 +1,9 @@
 """Local ``fleet worker`` processes: how the demo, the tests and (later) the local provider start them.
 
 Each process is a real Celery worker (``python -m fleet worker``); with an
-accelerator this machine does not have, it is an emulated one and says so.
+accelerator this machine does not have, it is an emulated one and says so. With an
+``engine`` and ``models`` it loads those registry models before consuming, and consumes only
+their queues (``fleet worker --engine E --model M``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,41 @@ class LocalWorker:
             return ""
 
 
+def worker_argv(
+    accelerator: str,
+    node: str,
+    *,
+    devices: int = 1,
+    concurrency: int = 1,
+    pool: str = "prefork",
+    loglevel: str = "INFO",
+    metrics_port: int | None = None,
+    api: str | None = None,
+    engine: str | None = None,
+    models: Sequence[str] = (),
+) -> list[str]:
+    """The ``python -m fleet worker`` command line of one worker (pure).
+
+    ``api`` (a provider) makes an API worker, which takes no ``--accelerator``; ``engine``
+    and each of ``models`` become ``--engine`` and ``--model`` options.
+    """
+    cmd = [
+        sys.executable, "-m", "fleet", "worker",
+        "--accelerator", accelerator, "--devices", str(devices), "--concurrency", str(concurrency),
+        "--pool", pool, "--hostname", node, "--loglevel", loglevel,
+    ]  # fmt: skip
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
+    if api is not None:
+        cmd += ["--api", api]
+        cmd[cmd.index("--accelerator") : cmd.index("--accelerator") + 2] = []
+    if engine is not None:
+        cmd += ["--engine", engine]
+    for model in models:
+        cmd += ["--model", model]
+    return cmd
+
+
 def spawn_worker(
     env: Mapping[str, str],
     accelerator: str,
@@ -51,11 +88,15 @@ def spawn_worker(
     new_session: bool = False,
     metrics_port: int | None = None,
     api: str | None = None,
+    engine: str | None = None,
+    models: Sequence[str] = (),
 ) -> LocalWorker:
     """Start one worker process (returns at once; see ``wait_ready``).
 
     With ``api`` (a provider), an API worker (``fleet worker --api``): ``accelerator``
     is then only its name's prefix, and the pool is threads with ``concurrency`` threads.
+    With ``engine``/``models``, a worker of that engine holding those registry models
+    (``worker_argv``).
 
     ``new_session`` detaches it from this process group, so a Ctrl-C meant for the
     parent (an autoscaler) does not reach it: instances outlive the autoscaler.
@@ -63,16 +104,18 @@ def spawn_worker(
     name = f"api-{api}" if api is not None else accelerator
     node = node or f"{name}-{uuid.uuid4().hex[:6]}@localhost"
     log_path = log_dir / f"worker-{node.replace('@', '_')}.log"
-    cmd = [
-        sys.executable, "-m", "fleet", "worker",
-        "--accelerator", accelerator, "--devices", str(devices), "--concurrency", str(concurrency),
-        "--pool", pool, "--hostname", node, "--loglevel", loglevel,
-    ]  # fmt: skip
-    if metrics_port is not None:
-        cmd += ["--metrics-port", str(metrics_port)]
-    if api is not None:
-        cmd += ["--api", api]
-        cmd[cmd.index("--accelerator") : cmd.index("--accelerator") + 2] = []
+    cmd = worker_argv(
+        accelerator,
+        node,
+        devices=devices,
+        concurrency=concurrency,
+        pool=pool,
+        loglevel=loglevel,
+        metrics_port=metrics_port,
+        api=api,
+        engine=engine,
+        models=models,
+    )
     with log_path.open("wb") as log:
         # Our own CLI with a fixed argv: nothing untrusted reaches the command line.
         child_env = {**os.environ, **env}

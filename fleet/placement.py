@@ -27,13 +27,22 @@ reported as ``cold_start_cost_usd``. The same term works between chips: one shor
 does not wake a cold family when a warm one is nearly as cheap, which keeps a fleet on
 fewer, busier pools (in the simulator it lifted the training-mix trace's SLO attainment
 from 60% to 79% and cut batch-embedding cost 4x; see the README's benchmarks).
+
+Registry models (``models``, a ``fleet.models.ModelRegistry``; ``fleet.modelfit`` holds the
+rules): a task whose model the registry serves for its kind goes to that model's queue
+(``inference.nvidia-l4@tiny-llama``), which only workers holding the model consume. Such a
+queue with a consumer is warm; a cold one waits the family's cold start plus the model's
+load time (weights over the registry's load bandwidth), and its boot cost is paid for both.
+Families on which no engine the model allows runs are rejected, and an inference request
+longer than the model's context is refused (``ContextError``). Without ``models`` every task
+keeps the plain queue.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -41,6 +50,8 @@ from fleet.apiplacement import api_candidates, api_wait_s, is_api_accelerator
 from fleet.catalog import Catalog, Market, Offer
 from fleet.catalog.apis import ApiOffer, jurisdiction
 from fleet.compat import family_rejection, memory_needed_gb, offer_fit
+from fleet.modelfit import context_problem, engine_problem, served_entry, warmth_reason
+from fleet.models.registry import ModelRegistry
 from fleet.queues import queue_name
 from fleet.spec import TaskSpec
 from fleet.throughput import estimate
@@ -97,6 +108,13 @@ class Candidate:
     cost_usd: float
     cold_start_s: float
     api: ApiOffer | None = None  # set for a token-priced API pool
+    model: str | None = None  # the registry model whose queue it is (None: the plain queue)
+    load_s: float = 0.0  # reading that model's weights, on top of the cold start
+
+    @property
+    def boot_s(self) -> float:
+        """What a cold queue of this candidate waits before a worker takes work."""
+        return self.cold_start_s + self.load_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +143,19 @@ class Placement:
     deadline_at_risk: bool = False
     api: ApiOffer | None = None
     cold_start_cost_usd: float = 0.0
+    model: str | None = None
+    cold_start_s: float = 0.0
+    model_load_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the shape ``fleet route --json`` prints).
 
         ``api`` is null for a chip; for an API pool it names the provider, model and
         per-million-token prices (``offer`` then describes the pool: cloud ``api``,
-        region its residency, ``usd_per_hour`` 0).
+        region its residency, ``usd_per_hour`` 0). ``model`` is the registry model whose
+        queue was chosen (null: the plain queue); ``cold_start_s`` the boot the wait
+        counts (0 for a warm or unknown queue), ``model_load_s`` the part of it that
+        reads the model's weights.
         """
         return {
             "queue": self.queue,
@@ -148,6 +172,9 @@ class Placement:
             "rejected": [{"accelerator": r.accelerator, "reason": r.reason} for r in self.rejected],
             "api": api_summary(self.api),
             "cold_start_cost_usd": self.cold_start_cost_usd,
+            "model": self.model,
+            "cold_start_s": self.cold_start_s,
+            "model_load_s": self.model_load_s,
         }
 
 
@@ -177,7 +204,20 @@ class NoPlacementError(ValueError):
         """Keep the per-family reasons."""
         self.rejected = rejected
         lines = "; ".join(f"{r.accelerator}: {r.reason}" for r in rejected)
-        super().__init__(f"{summary}: {lines}")
+        super().__init__(f"{summary}: {lines}" if lines else summary)
+
+
+class ContextError(NoPlacementError):
+    """The request is longer than its model's context: no accelerator can change that.
+
+    ``rejected`` is empty; the message (``fleet.modelfit.context_problem``) names both
+    numbers.
+    """
+
+    def __init__(self, problem: str) -> None:
+        """Keep the problem as the message."""
+        super().__init__((), problem)
+        self.problem = problem
 
 
 def _offer_markets(spec: TaskSpec, offer: Offer) -> list[tuple[Market, float]]:
@@ -208,7 +248,10 @@ def _best_offer(
     family = catalog.families[family_name]
     best: Candidate | None = None
     reason = "no priced offer in the catalog"
-    fit_reasons: list[str] = []
+    # (a memory rejection, what the offer holds in GB, reason): the numbers come from the
+    # offer, never back out of the reason text.
+    fit_reasons: list[tuple[bool, float, str]] = []
+    minimum = spec.requirements.min_accelerator_memory_gb
     for offer in catalog.offers_by_family.get(family_name, ()):
         priced = _offer_markets(spec, offer)
         if not priced:
@@ -219,7 +262,9 @@ def _best_offer(
             continue
         fit = offer_fit(spec, offer, need_gb)
         if fit.devices is None:
-            fit_reasons.append(fit.reason)
+            by_memory = minimum is None or offer.accelerator_memory_gb >= minimum
+            held = offer.accelerator_memory_gb * offer.accelerator_count
+            fit_reasons.append((by_memory, held, fit.reason))
             continue
         est = estimate(spec, family, fit.devices, offer.vcpus)
         for market, price in priced:
@@ -244,18 +289,8 @@ def _best_offer(
                 )
     if best is None and fit_reasons:
         # The most informative reason is the largest offer's: it shows the gap.
-        reason = fit_reasons[-1] if len(fit_reasons) == 1 else _largest(fit_reasons)
+        reason = max(fit_reasons, key=lambda f: f[:2])[2]
     return best, reason
-
-
-def _largest(reasons: list[str]) -> str:
-    def held(r: str) -> float:
-        try:
-            return float(r.rsplit("=", 1)[1].split(maxsplit=1)[0].replace(",", ""))
-        except (IndexError, ValueError):
-            return -1.0
-
-    return max(reasons, key=held)
 
 
 _MEMO_LIMIT = 4096
@@ -330,7 +365,7 @@ def _wait_s(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> 
     if c.api is not None:
         return api_wait_s(c.busy_s, load.depth, load.consumers)
     if load.consumers <= 0:
-        return c.cold_start_s + load.depth * c.busy_s
+        return c.boot_s + load.depth * c.busy_s
     # A consumer works through its backlog at device-time speed: a batching server
     # overlaps generation streams, so queued work waits busy_s each, not service_s.
     return load.depth * c.busy_s / load.consumers
@@ -339,15 +374,58 @@ def _wait_s(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> 
 def _boot_cost_usd(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> float:
     """What booting an instance for a queue with no consumer costs this task.
 
-    The whole instance is paid for the family's cold start; the tasks already waiting on
-    that queue share it. Zero for API pools, warm queues and unknown loads.
+    The whole instance is paid for the family's cold start and the model's load; the
+    tasks already waiting on that queue share it. Zero for API pools, warm queues and
+    unknown loads.
     """
+    if not _cold(c, queue, loads):
+        return 0.0
+    depth = loads[queue].depth if loads is not None else 0
+    return c.offer.usd_per_hour * c.boot_s / 3600.0 / (depth + 1)
+
+
+def _cold(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> bool:
+    """Whether ``queue`` is known to have no consumer (an API pool is never cold)."""
     if c.api is not None or loads is None:
-        return 0.0
+        return False
     load = loads.get(queue)
-    if load is None or load.consumers > 0:
-        return 0.0
-    return c.offer.usd_per_hour * c.cold_start_s / 3600.0 / (load.depth + 1)
+    return load is not None and load.consumers <= 0
+
+
+def _for_model(
+    spec: TaskSpec,
+    candidates: tuple[Candidate, ...],
+    registry: ModelRegistry,
+    catalog: Catalog,
+    rejected: list[Rejection],
+) -> tuple[Candidate, ...]:
+    """Candidates on the model's queue with its load time; families no engine of it runs on out.
+
+    Unchanged when the registry does not serve the task. API pools stay as they are: they
+    forward to a remote endpoint, not a worker holding the model.
+
+    Raises:
+        ContextError: an inference request longer than the model's context.
+
+    """
+    entry = served_entry(spec, registry)
+    if entry is None:
+        return candidates
+    problem = context_problem(spec, registry)
+    if problem is not None:
+        raise ContextError(problem)
+    kept: list[Candidate] = []
+    load = entry.load_s(registry.load_gbps)
+    for c in candidates:
+        if c.api is not None:
+            kept.append(c)
+            continue
+        why = engine_problem(entry, catalog.families[c.accelerator])
+        if why is None:
+            kept.append(replace(c, model=entry.name, load_s=load))
+        else:
+            rejected.append(Rejection(c.accelerator, why))
+    return tuple(kept)
 
 
 def _pinned(
@@ -357,14 +435,21 @@ def _pinned(
     pin: str | None,
     rejected: list[Rejection],
 ) -> tuple[Candidate, ...]:
-    """Keep only the pinned family; record the others as rejected."""
+    """Keep only the pinned family (or API pool); record the others as rejected.
+
+    Raises:
+        ValueError: no pin and no ``requirements.accelerators``.
+        KeyError: the pin is neither a family nor an API pool of the catalog.
+
+    """
     reqs = spec.requirements.accelerators
     target = pin or (reqs[0] if reqs else None)
     if target is None:
         raise ValueError(
             "policy pinned needs an accelerator: pass pin or requirements.accelerators"
         )
-    catalog.family(target)
+    if not is_api_accelerator(catalog, target):
+        catalog.family(target)
     rejected += [
         Rejection(c.accelerator, f"not the pinned accelerator {target}")
         for c in candidates
@@ -390,7 +475,7 @@ def _feasible(
     deadline = spec.slo.deadline_s
     budget = spec.budget.max_usd
     for c in candidates:
-        queue = queue_name(spec.kind, c.accelerator, c.devices, namespace)
+        queue = queue_name(spec.kind, c.accelerator, c.devices, namespace, c.model)
         wait = _wait_s(c, queue, loads)
         boot = _boot_cost_usd(c, queue, loads)
         if budget is not None and c.cost_usd > budget:
@@ -420,6 +505,8 @@ def place(
     policy: Policy = Policy.COST,
     pin: str | None = None,
     namespace: str = "",
+    *,
+    models: ModelRegistry | None = None,
 ) -> Placement:
     """Choose where ``spec`` runs.
 
@@ -432,31 +519,21 @@ def place(
         pin: the accelerator for ``pinned`` (default: the first of
             ``requirements.accelerators``).
         namespace: queue-name prefix.
+        models: the model registry; None places every task on its plain queue. With it, a
+            task the registry serves goes to its model's queue (see the module docstring).
 
     Raises:
+        ContextError: an inference request longer than its registry model's context.
         NoPlacementError: no family can run the task within its requirements, deadline and
             budget; the exception lists the reason for each.
 
     """
     need, candidates, rejected_static = _analyse(spec, catalog)
     rejected = list(rejected_static)
+    if models is not None:
+        candidates = _for_model(spec, candidates, models, catalog, rejected)
     if policy is Policy.PINNED:
-        target = pin or (
-            spec.requirements.accelerators[0] if spec.requirements.accelerators else None
-        )
-        if target is None:
-            raise ValueError(
-                "policy pinned needs an accelerator: pass pin or requirements.accelerators"
-            )
-        if not is_api_accelerator(catalog, target):
-            catalog.family(target)
-        pinned = [c for c in candidates if c.accelerator == target]
-        rejected += [
-            Rejection(c.accelerator, f"not the pinned accelerator {target}")
-            for c in candidates
-            if c.accelerator != target
-        ]
-        candidates = tuple(pinned)
+        candidates = _pinned(spec, catalog, candidates, pin, rejected)
 
     feasible, at_risk = _feasible(spec, candidates, loads, namespace, rejected)
     risk_note = ""
@@ -502,10 +579,18 @@ def place(
                     f"costlier: ${c.cost_usd + b:.6g}{booting} vs ${chosen.cost_usd + boot:.6g}",
                 )
             )
+    cold = _cold(chosen, queue, loads)
+    load = loads.get(queue) if loads is not None else None
     reasons = (
         risk_note or why,
         *_where(chosen, need),
         f"expected wait {wait:,.3g} s, run {chosen.service_s:,.3g} s",
+        *warmth_reason(
+            chosen.model,
+            chosen.cold_start_s,
+            chosen.load_s,
+            None if load is None else load.consumers,
+        ),
     )
     return Placement(
         queue=queue,
@@ -522,6 +607,9 @@ def place(
         rejected=tuple(sorted(rejected, key=lambda r: r.accelerator)),
         api=chosen.api,
         cold_start_cost_usd=boot,
+        model=chosen.model,
+        cold_start_s=chosen.boot_s if cold else 0.0,
+        model_load_s=chosen.load_s if cold else 0.0,
     )
 
 

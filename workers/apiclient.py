@@ -14,11 +14,19 @@ estimate back (its request still counts).
 
 The API key goes into the ``Authorization`` header and nowhere else: not into an
 error message, a log line, a ``repr`` or a result.
+
+The same call serves fleet's local OpenAI-compatible servers (``workers.engines.vllm``):
+``ChatRequest.path`` picks the route (``completions``, ``embeddings``; default
+``chat/completions``), an endpoint without a key sends no ``Authorization`` header, the
+accumulator also reads legacy completion chunks (``choices[].text``, ``token_ids``), and a
+``Completion`` carries the time to the first streamed token and, for a non-streamed
+reply, its JSON body (``data``: embeddings live there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import math
@@ -90,11 +98,12 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
-    """The body of one ``/chat/completions`` call and the facts the limiter needs."""
+    """The body of one call (to ``path``, under the base URL) and the facts the limiter needs."""
 
     body: dict[str, Any]
     prompt_chars: int
     max_tokens: int
+    path: str = "chat/completions"
 
     @property
     def stream(self) -> bool:
@@ -252,6 +261,7 @@ class SseAccumulator:
     """Collects a streamed chat completion from its ``data:`` lines (pure)."""
 
     parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     usage: dict[str, int] | None = None
     finish_reason: str | None = None
     chunks: int = 0
@@ -271,10 +281,14 @@ class SseAccumulator:
         if isinstance(event.get("usage"), dict):
             self.usage = event["usage"]
         for choice in event.get("choices") or []:
-            delta = choice.get("delta") or {}
-            piece = delta.get("content") if isinstance(delta, dict) else None
+            delta = choice.get("delta")
+            piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            ids = choice.get("token_ids")
+            if isinstance(ids, list):
+                self.token_ids.extend(int(i) for i in ids)
             if isinstance(piece, str) and piece:
                 self.parts.append(piece)
+            if (isinstance(piece, str) and piece) or ids:
                 self.chunks += 1
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
@@ -287,7 +301,12 @@ class SseAccumulator:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """One completed call: output, token usage (as the endpoint reported it) and attempts."""
+    """One completed call: output, token usage (as the endpoint reported it) and attempts.
+
+    ``ttft_s``: seconds from sending the request to its first streamed token (None when not
+    streamed); ``token_ids``: the generated token ids when the endpoint returned them;
+    ``data``: the JSON body of a non-streamed reply.
+    """
 
     text: str
     tokens_in: int
@@ -297,6 +316,9 @@ class Completion:
     attempts: int
     emulated: bool
     rate_wait_s: float
+    ttft_s: float | None = None
+    token_ids: tuple[int, ...] | None = None
+    data: dict[str, Any] | None = None
 
 
 class _StatusError(Exception):
@@ -317,7 +339,11 @@ def _error_detail(raw: bytes) -> str:
 async def _post_once(
     client: httpx.AsyncClient, endpoint: Endpoint, request: ChatRequest, estimate_in: int
 ) -> Completion:
-    url = f"{endpoint.base_url.rstrip('/')}/chat/completions"
+    url = f"{endpoint.base_url.rstrip('/')}/{request.path}"
+    started = time.monotonic()
+    ttft: float | None = None
+    token_ids: tuple[int, ...] | None = None
+    data: dict[str, Any] | None = None
     if request.stream:
         acc = SseAccumulator()
         async with client.stream(
@@ -332,10 +358,13 @@ async def _post_once(
                 )
             async for line in resp.aiter_lines():
                 acc.feed(line)
+                if ttft is None and acc.chunks:
+                    ttft = time.monotonic() - started
             emulated = acc.emulated or resp.headers.get("x-fleet-emulated") == "true"
         usage = acc.usage
         text, finish = acc.text, acc.finish_reason
         fallback_out = acc.chunks
+        token_ids = tuple(acc.token_ids) if acc.token_ids else None
     else:
         resp = await client.post(url, json=request.body, headers=endpoint.headers())
         if resp.status_code != _HTTP_OK:
@@ -346,7 +375,7 @@ async def _post_once(
             )
         data = resp.json()
         choice = (data.get("choices") or [{}])[0]
-        text = str((choice.get("message") or {}).get("content") or "")
+        text = str((choice.get("message") or {}).get("content") or choice.get("text") or "")
         finish = choice.get("finish_reason")
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
         emulated = resp.headers.get("x-fleet-emulated") == "true"
@@ -355,7 +384,8 @@ async def _post_once(
         tin, tout = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
     else:
         tin, tout = estimate_in, fallback_out
-    return Completion(text, tin, tout, finish, usage is not None, 0, emulated, 0.0)
+    return Completion(text, tin, tout, finish, usage is not None, 0, emulated, 0.0,
+                      ttft, token_ids, data)  # fmt: skip
 
 
 async def _acquire(
@@ -409,8 +439,7 @@ async def call_endpoint(
         else:
             if limiter is not None and grant is not None:
                 limiter.settle(grant, done.tokens_in + done.tokens_out)
-            return Completion(done.text, done.tokens_in, done.tokens_out, done.finish_reason,
-                              done.usage_reported, attempts, done.emulated, waited)  # fmt: skip
+            return dataclasses.replace(done, attempts=attempts, rate_wait_s=waited)
         if limiter is not None and grant is not None:
             limiter.settle(grant, 0)
         delay = retry_delay(policy, attempts, status, retry_after, draw())

@@ -24,13 +24,15 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from celery import signals
+from celery import bootsteps, signals
 
 from fleet.catalog import default_catalog
 from fleet.models.registry import registry_from_file
 from fleet.models.weights import resolve
 from fleet.obs.logs import get_logger
+from fleet.spec import Runtime
 from workers import serving
+from workers.engines.base import EngineError
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
     from workers.shutdown import GracefulStop
 
 log = get_logger("fleet.worker")
-ENV_VLLM_URL = "FLEET_VLLM_BASE_URL"
 
 
 def device_for(runtime: str, index: int, devices: int) -> str:
@@ -83,7 +84,12 @@ class EngineHost:
         return serving.ready_processes(self._ready_dir) >= self.me.concurrency
 
     def install(self, app: Celery) -> None:
-        """Hook in-process loading into the pool processes (prefork), before Celery starts."""
+        """Hook in-process loading into the pool processes (prefork), before Celery starts.
+
+        Also adds a worker bootstep whose ``info`` puts engine, models and readiness in
+        Celery's ``inspect stats`` reply, which Flower shows on each worker's page.
+        """
+        app.steps["worker"].add(_info_step(self))
         if self.me.engine == "reference" or self.registry is None or self.settings is None:
             return
         if self.server is not None or self.local is not None:
@@ -117,6 +123,26 @@ class EngineHost:
             self.local.engine.stop()
 
 
+def _info_step(host: EngineHost) -> type[bootsteps.StartStopStep]:
+    """A bootstep reporting ``{"fleet": {...}}`` in ``inspect stats`` (and so in Flower)."""
+
+    class FleetEngineInfo(bootsteps.StartStopStep):
+        def info(self, _worker: Any) -> dict[str, Any]:  # type: ignore[override]  # noqa: ANN401 - Celery's worker
+            me = host.me
+            return {
+                "fleet": {
+                    "accelerator": me.accelerator,
+                    "emulated": me.emulated,
+                    "engine": me.engine,
+                    "models": list(me.models),
+                    "runtime": me.runtime,
+                    "ready": host.ready(),
+                }
+            }
+
+    return FleetEngineInfo
+
+
 def prepare(
     me: WorkerIdentity,
     registry: ModelRegistry | None,
@@ -141,14 +167,15 @@ def prepare(
         entry = registry.get(me.models[0])
         weights = resolve(entry, settings.model_cache)
         server = VllmEngine(
-            runtime=me.runtime,
+            Runtime(me.runtime),
             devices=me.devices,
-            ready_timeout_s=load_deadline_s(me, registry),
+            accelerator=me.accelerator,
+            log_dir=settings.artifact_dir / "vllm-logs",
             on_down=host.on_server_down,
         )
         log.info("engine.starting", engine="vllm", model=entry.name, weights=str(weights))
         server.load(entry, weights)  # waits until /v1/models lists the model
-        os.environ[ENV_VLLM_URL] = server.base_url
+        os.environ.update(server.child_env())  # pool processes reach the server over HTTP
         host.server = server
         log.info("engine.ready", engine="vllm", model=entry.name, url=server.base_url)
         return host
@@ -173,7 +200,9 @@ def process_serving(me: WorkerIdentity, settings: Settings) -> serving.Serving:
     if me.engine == "vllm":
         from workers.engines.vllm import VllmEngine  # noqa: PLC0415
 
-        client = VllmEngine.client(os.environ[ENV_VLLM_URL], me.models[0])
+        client = VllmEngine.from_env(os.environ)
+        if client is None:
+            raise EngineError("vllm: no server named in this pool process's environment")
         return serving.setup(client, registry, settings.model_cache, me.models, "server")
     device = device_for(me.runtime, 0, me.devices)
     engine = serving.build_engine(me.engine, device)

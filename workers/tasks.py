@@ -255,6 +255,7 @@ def _run_engine(
         raise TaskRefusedError(
             f"model {task.model.name!r} is not held by this worker (holds {held})"
         )
+    _check_adapter(task, settings)
     state.hold(entry)  # a no-op for held models; training loads on demand
     request = EngineRequest(
         spec=task,
@@ -288,6 +289,24 @@ def _run_engine(
         "device": state.device,
         "engine_run_s": made.run_s,
     }
+
+
+def _check_adapter(task: TaskSpec, settings: Settings) -> None:
+    """``input.adapter`` may only name an adapter a fleet fine-tune wrote (under the artifact dir).
+
+    Raises:
+        TaskRefusedError: the path lies outside ``FLEET_ARTIFACT_DIR``.
+
+    """
+    data = task.input if isinstance(task.input, dict) else {}
+    adapter = data.get("adapter")
+    if not isinstance(adapter, str):
+        return
+    root = settings.artifact_dir.resolve()
+    if not Path(adapter).resolve().is_relative_to(root):
+        raise TaskRefusedError(
+            f"bad input: input.adapter: not an adapter under the artifact directory {root}"
+        )
 
 
 def _engine_ready(me: identity.WorkerIdentity) -> bool:

@@ -99,7 +99,11 @@ class Actuator:
             usd_per_hour=launch.usd_per_hour,
             fleet_name=self.config.fleet_tag,
             # FLEET_OFFER: a worker that gets a spot notice records which offer was hit.
-            env={"FLEET_NAMESPACE": self.config.fleet.namespace, "FLEET_OFFER": launch.offer.key},
+            env={
+                "FLEET_NAMESPACE": self.config.fleet.namespace,
+                "FLEET_OFFER": launch.offer.key,
+                **pool.worker_env(self.config.registry),  # FLEET_ENGINE, FLEET_MODELS
+            },
         )
         result = provider.launch(request, now)
         if result.error is not None:

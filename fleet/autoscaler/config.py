@@ -12,11 +12,12 @@ worker concurrency; declaring any turns on placement to API pools for this fleet
 
 A pool may declare the registry ``models`` its workers hold and the ``engine`` that runs
 them (default: ``reference`` without models, else the first engine every model allows that
-runs on the pool's chip). It then serves those models' queues (``...@<model>``); a
-``reference`` pool also serves the plain queues, any other pool only its models'. Every
-model must be in the config's registry and allow the engine, and the engine must run on the
-pool's accelerator (``fleet.modelfit.ENGINE_RUNTIMES``); errors name the key
-(``pools[2].models[0]: ...``).
+runs on the pool's chip). A pool without models serves the plain queues (reference
+workers); a pool with models serves only those models' queues (``...@<model>``), of the
+kinds the model serves and the engine runs (``PoolConfig.serving``, what ``fleet worker``
+consumes). Every model must be in the config's registry and allow the engine, the engine
+must run on the pool's accelerator (``fleet.modelfit.ENGINE_RUNTIMES``), and a vLLM pool
+holds one model; errors name the key (``pools[2].models[0]: ...``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fleet.autoscaler.apipools import ApiPoolConfig, api_pool_offers, api_pool_problem
 from fleet.catalog import Catalog, Family, Market, Offer, default_catalog
-from fleet.modelfit import default_engine, engine_runs_on, models_load_s
+from fleet.modelfit import (
+    ENGINE_KINDS,
+    ONE_MODEL_ENGINES,
+    default_engine,
+    engine_runs_on,
+    models_load_s,
+)
 from fleet.models.registry import (
     DEFAULT_LOAD_GBPS,
     ModelConfigError,
@@ -41,7 +48,7 @@ from fleet.models.registry import (
     ModelRegistry,
     builtin_entries,
 )
-from fleet.spec import closest_accelerators
+from fleet.spec import TaskKind, closest_accelerators
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 ProviderName = Literal["aws", "gcp", "azure", "local", "fake"]
@@ -130,9 +137,21 @@ class PoolConfig(BaseModel):
             return self.engine
         return default_engine(self.model_entries(registry), _family(self.accelerator))
 
-    def serves_plain(self, registry: ModelRegistry) -> bool:
-        """Whether the pool serves the plain queues (a ``reference`` pool does)."""
-        return self.resolved_engine(registry) == "reference"
+    def serves_plain(self) -> bool:
+        """Whether the pool serves the plain queues (a pool without models does)."""
+        return not self.models
+
+    def serving(self, registry: ModelRegistry) -> dict[str | None, frozenset[TaskKind]]:
+        """The queues the pool's workers consume: ``{model (None: the plain queues): kinds}``.
+
+        No models: the plain queues of every kind. With models: each model's queues of the
+        kinds it serves and the engine runs (``ENGINE_KINDS``), as ``fleet worker`` derives
+        them; the family's own kinds are checked where demand is matched to pools.
+        """
+        if not self.models:
+            return {None: frozenset(TaskKind)}
+        runs = ENGINE_KINDS[self.resolved_engine(registry)]
+        return {e.name: e.kinds & runs for e in self.model_entries(registry)}
 
     def model_names(self, registry: ModelRegistry) -> frozenset[str]:
         """Canonical names of the models whose queues the pool serves."""
@@ -159,9 +178,7 @@ def _family(accelerator: str) -> Family | None:
     return default_catalog().families.get(accelerator)
 
 
-def pool_model_problems(
-    pools: tuple[PoolConfig, ...], registry: ModelRegistry
-) -> list[str]:
+def pool_model_problems(pools: tuple[PoolConfig, ...], registry: ModelRegistry) -> list[str]:
     """What is wrong with the pools' models and engines, each naming its key.
 
     A model not in ``registry`` (``pools[2].models[0]: no model 'x' in the registry (known:
@@ -182,22 +199,28 @@ def pool_model_problems(
                 entries.append(entry)
         if len(entries) < len(pool.models):
             continue
-        named = pool.engine is not None
-        engine = pool.engine or default_engine(entries, _family(pool.accelerator))
-        how = "" if named else " (the default)"
-        refused = [e.name for e in entries if engine not in e.engines]
-        if refused:
-            allowed = ", ".join(entries[0].engines if len(refused) == len(entries) else ())
-            problems.append(
-                f"pools[{i}].engine: {engine}{how} is not allowed for {', '.join(refused)}"
-                + (f" (allowed: {allowed})" if allowed else "; the pool's models share no engine")
-            )
-            continue
         family = _family(pool.accelerator)
-        if family is not None and not engine_runs_on(engine, family.runtimes):
+        engine = pool.engine or default_engine(entries, family)
+        how = "" if pool.engine is not None else " (the default)"
+        refused = [e for e in entries if engine not in e.engines]
+        if refused and pool.engine is None:
+            allowed = "; ".join(f"{e.name}: {', '.join(e.engines)}" for e in entries)
+            problems.append(f"pools[{i}].models: the models share no engine ({allowed})")
+        elif refused:
+            first = refused[0]
+            problems.append(
+                f"pools[{i}].engine: {engine} is not allowed for {first.name}"
+                f" (allowed: {', '.join(first.engines)})"
+            )
+        elif family is not None and not engine_runs_on(engine, family.runtimes):
             problems.append(
                 f"pools[{i}].engine: {engine}{how} does not run on {pool.accelerator}"
                 f" (runtime {', '.join(sorted(family.runtimes))})"
+            )
+        elif engine in ONE_MODEL_ENGINES and len(entries) > 1:
+            problems.append(
+                f"pools[{i}].models: a {engine} pool holds one model per worker,"
+                f" not {len(entries)}; give each model a pool"
             )
     return problems
 
@@ -460,3 +483,30 @@ def catalog_for_pools(catalog: Catalog, config: AutoscalerConfig) -> Catalog:
     return Catalog(
         catalog.version, catalog.families, offers, by_family, apis=apis, route_apis=bool(apis)
     )
+
+
+def pools_serving(
+    config: AutoscalerConfig, model: str | None, kind: TaskKind | None = None
+) -> tuple[PoolConfig, ...]:
+    """The pools that serve ``model``'s queues (None: the plain queues) of ``kind`` (None: any)."""
+    registry = config.registry
+    out = []
+    for p in config.pools:
+        kinds = p.serving(registry).get(model)
+        if kinds and (kind is None or kind in kinds):
+            out.append(p)
+    return tuple(out)
+
+
+def catalog_for_model(
+    catalog: Catalog, config: AutoscalerConfig, model: str | None, kind: TaskKind | None = None
+) -> Catalog:
+    """``catalog_for_pools`` over the pools that serve ``model``'s ``kind`` work (``pools_serving``).
+
+    Placement of work for registry model ``model`` (None: work for the plain queues) on this
+    catalog only chooses accelerators where a pool of the fleet serves it, so the work never
+    waits on a queue no pool can serve. API offers are kept as ``catalog_for_pools`` keeps
+    them.
+    """
+    serving = config.model_copy(update={"pools": pools_serving(config, model, kind)})
+    return catalog_for_pools(catalog, serving)

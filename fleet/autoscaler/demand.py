@@ -5,6 +5,10 @@ here does I/O or reads a clock. Units: work is measured in *slot-seconds* (one t
 running on one slot for one second); a pool instance with ``D`` devices has ``D // N``
 slots for a queue of tier ``N`` (cpu instances: one slot), so ``slot-seconds / slots``
 are the *instance-seconds* a pool is asked for.
+
+A model queue (``...@<model>``) is served only by pools that hold the model (for the kinds
+their engine runs); a plain queue only by pools without models (``PoolView.serves``, from
+``PoolConfig.serving``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class QueueDemand:
     tasks: int
     ready: int
     service_s: float
+    model: str | None = None  # the registry model of a ``...@<model>`` queue
 
     @property
     def work_s(self) -> float:
@@ -79,7 +84,9 @@ def parse_demands(queues: Mapping[str, QueueObservation], namespace: str) -> lis
         sample = q.sample_service_s
         service = sample if sample is not None and sample > 0 else DEFAULT_SERVICE_S[ref.kind]
         out.append(
-            QueueDemand(name, ref.kind, ref.accelerator, ref.devices, tasks, q.ready, service)
+            QueueDemand(
+                name, ref.kind, ref.accelerator, ref.devices, tasks, q.ready, service, ref.model
+            )
         )
     return out
 
@@ -90,7 +97,9 @@ class PoolView:
 
     ``capacity``: PENDING/RUNNING instances not cleaned up by this plan. ``spend``: the
     hourly cost of every instance of the pool the provider still reports (TERMINATING
-    ones bill until gone), which budgets are checked against.
+    ones bill until gone), which budgets are checked against. ``serving``: the queues it
+    serves, ``{model (None: the plain queues): kinds}`` (``PoolConfig.serving``);
+    ``load_s``: what reading its models adds to an instance's cold start.
     """
 
     pool: PoolConfig
@@ -98,6 +107,10 @@ class PoolView:
     blocked: frozenset[str]
     capacity: int
     spend: float
+    serving: Mapping[str | None, frozenset[TaskKind]] = field(
+        default_factory=lambda: {None: frozenset(TaskKind)}
+    )
+    load_s: float = 0.0
     max_devices: int = 0
     used_s: float = 0.0
     top_tier: int = 0
@@ -107,6 +120,15 @@ class PoolView:
     def __post_init__(self) -> None:
         """Largest instance any allowed offer gives, ignoring backoff (what the pool *can* serve)."""
         self.max_devices = max((pool_devices(self.pool, p.offer) for p in self.offers), default=0)
+
+    def serves(self, model: str | None, kind: TaskKind) -> bool:
+        """Whether the pool serves ``kind`` queues of ``model`` (None: the plain queues)."""
+        return kind in self.serving.get(model, ())
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The registry models the pool holds, sorted."""
+        return tuple(sorted(m for m in self.serving if m is not None))
 
     def offer_for(self, tier: int) -> PricedOffer | None:
         """The offer a launch for ``tier`` would buy (see the planner's rule 4), or None."""
@@ -171,14 +193,33 @@ def choose_offer(
     return best
 
 
-def busy_tiers(demands: Iterable[QueueDemand], catalog: Catalog) -> dict[str, int]:
-    """``{accelerator: smallest tier with work}``: a pool has work iff that tier fits it."""
-    out: dict[str, int] = {}
+# (accelerator, model (None for the plain queues), kind): the queues one set of pools serves
+BusyKey = tuple[str, str | None, TaskKind]
+
+
+def busy_tiers(demands: Iterable[QueueDemand], catalog: Catalog) -> dict[BusyKey, int]:
+    """``{(accelerator, model, kind): smallest tier with work}`` (see ``has_work``)."""
+    out: dict[BusyKey, int] = {}
     for d in demands:
         family = catalog.families.get(d.accelerator)
         if family is not None and d.kind.value in family.kinds:
-            out[d.accelerator] = min(out.get(d.accelerator, d.devices), d.devices)
+            key = (d.accelerator, d.model, d.kind)
+            out[key] = min(out.get(key, d.devices), d.devices)
     return out
+
+
+def has_work(
+    busy: Mapping[BusyKey, int],
+    accelerator: str,
+    serving: Mapping[str | None, Iterable[TaskKind]],
+    max_devices: int,
+) -> bool:
+    """Whether a pool of ``accelerator`` serving ``serving`` has work at a tier it can hold."""
+    return any(
+        busy.get((accelerator, model, kind), max_devices + 1) <= max_devices
+        for model, kinds in serving.items()
+        for kind in kinds
+    )
 
 
 def assign(
@@ -187,26 +228,30 @@ def assign(
     """Give each queue's work to its cheapest adequate pools; return the work nobody can serve.
 
     Queues go largest tier first (they have the fewest adequate pools), then by name.
-    For each, adequate pools are ranked by (slot cost for the tier, name) once per
-    (accelerator, tier); work fills a pool up to its ``room_s`` and spills to the next.
+    For each, adequate pools (serving the queue's model, or the plain queues) are ranked by
+    (slot cost for the tier, name) once per (accelerator, model, kind, tier); work fills a pool
+    up to its ``room_s`` and spills to the next.
     Work left when every adequate pool is full goes to the cheapest one (its desired
     count is clamped by ``max_instances`` anyway). A cursor per ranking skips pools that
     are full, so the whole pass is linear in queues plus pools (plus the sorts).
     ``by_acc`` must list each accelerator's pools sorted by name.
     """
-    ranked: dict[tuple[str, int], list[PoolView]] = {}
-    cursor: dict[tuple[str, int], int] = {}
-    largest: dict[str, PoolView | None] = {}
+    ranked: dict[tuple[BusyKey, int], list[PoolView]] = {}
+    cursor: dict[tuple[BusyKey, int], int] = {}
+    serving: dict[BusyKey, list[PoolView]] = {}
+    largest: dict[BusyKey, PoolView | None] = {}
     unserved: list[Unsatisfiable] = []
     for d in sorted(demands, key=lambda d: (-d.devices, d.name)):
-        views = by_acc.get(d.accelerator, [])
-        if d.accelerator not in largest:  # views are sorted by name: max keeps the first
-            largest[d.accelerator] = max(views, key=lambda v: v.max_devices, default=None)
-        reason = _unserved_reason(d, largest[d.accelerator], catalog)
+        group = (d.accelerator, d.model, d.kind)
+        if group not in serving:  # views are sorted by name: max keeps the first
+            serving[group] = [v for v in by_acc.get(d.accelerator, []) if v.serves(d.model, d.kind)]
+            largest[group] = max(serving[group], key=lambda v: v.max_devices, default=None)
+        views = serving[group]
+        reason = _unserved_reason(d, by_acc.get(d.accelerator, []), largest[group], catalog)
         if reason is not None:
             unserved.append(Unsatisfiable(d.name, d.ready, reason))
             continue
-        key = (d.accelerator, d.devices)
+        key = (group, d.devices)
         if key not in ranked:
             fit = [v for v in views if v.max_devices >= d.devices]
             ranked[key] = sorted(fit, key=lambda v: (v.slot_cost(d.devices), v.pool.name))
@@ -229,17 +274,38 @@ def assign(
     return unserved
 
 
-def _unserved_reason(d: QueueDemand, largest: PoolView | None, catalog: Catalog) -> str | None:
+def _unserved_reason(
+    d: QueueDemand, views: list[PoolView], largest: PoolView | None, catalog: Catalog
+) -> str | None:
+    """Why no pool can serve ``d`` (``largest``: the largest pool serving its model), or None."""
     family = catalog.families.get(d.accelerator)
     if family is None:
         return f"unknown accelerator {d.accelerator!r}: no pool can serve it"
     if d.kind.value not in family.kinds:
         return f"{d.accelerator} does not run {d.kind.value} work"
-    if largest is None:
+    if not views:
         return f"no pool for accelerator {d.accelerator}"
+    if largest is None:
+        return _no_serving_pool(d, views)
     if largest.max_devices < d.devices:
         return (
             f"needs {d.devices} {d.accelerator} devices per instance; the largest pool"
             f" ({largest.pool.name}) offers {largest.max_devices}"
         )
     return None
+
+
+def _no_serving_pool(d: QueueDemand, views: list[PoolView]) -> str:
+    names = ", ".join(v.pool.name for v in views)
+    if d.model is None:
+        return (
+            f"no reference pool for accelerator {d.accelerator}: its pools ({names})"
+            " serve only their models' queues"
+        )
+    holding = [v.pool.name for v in views if d.model in v.serving]
+    if holding:
+        return (
+            f"no {d.accelerator} pool runs {d.kind.value} work for model {d.model}"
+            f" (the engine of {', '.join(holding)} does not)"
+        )
+    return f"no {d.accelerator} pool holds model {d.model} (pools: {names})"

@@ -156,6 +156,7 @@ class Autoscaler:
             draining=self.actuator.draining,
             errors=self.actuator.recent_errors(now, horizon),
             history=self.history,
+            models=self.config.registry,
         )
         decided = make_plan(snapshot, self.config, self.catalog, now)
         acted = None if dry_run else self.actuator.act(decided, snapshot, now)

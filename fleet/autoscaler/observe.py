@@ -1,7 +1,8 @@
 """Observe: gather one Snapshot (I/O, thin; every decision is the planner's).
 
 It reads queue depths (Redis: ready by priority band and unacked; RabbitMQ: ready and
-consumers), peeks at the head of each Redis queue to estimate the run time of what is
+consumers) of every queue the catalog's offers can need, the model queues of the registry's
+entries (``...@<model>``) included, peeks at the head of each Redis queue to estimate the run time of what is
 waiting with the catalog's throughput model, lists live workers (the Redis registry, or
 Celery's remote control on RabbitMQ; an API worker's ``concurrency`` is the in-flight
 limit it reports, ``workers.apicontrol``), asks every provider for the instances that carry
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import Celery
@@ -42,6 +43,9 @@ from fleet.spec import SpecError, parse_spec
 from fleet.stats import AmqpStats, QueueStats, RedisStats, decode_task
 from fleet.throughput import estimate
 from fleet.tls import redis_client
+
+if TYPE_CHECKING:
+    from fleet.models.registry import ModelEntry
 
 SAMPLE = 20
 INSPECT_TIMEOUT_S = 1.0
@@ -137,13 +141,16 @@ def observe(
     draining: Mapping[str, InstanceState] | None = None,
     errors: Iterable[ProviderError] = (),
     history: Mapping[str, PoolHistory] | None = None,
+    models: Iterable[ModelEntry] = (),
 ) -> Snapshot:
     """One snapshot of queues, workers and instances.
 
+    ``models`` (the config's registry, ``AutoscalerConfig.registry``) adds the queues of
+    those models; without it only the plain queues are read and model work goes unseen.
     A provider whose listing fails contributes no instances and its error is added to
     ``errors`` (the planner then sees it; nothing is terminated for want of a listing).
     """
-    names = all_queue_names(catalog, settings.namespace)
+    names = all_queue_names(catalog, settings.namespace, models)
     stats, workers = _queue_stats(settings, names, app)
     client = redis_client(settings.broker_url, settings.tls) if settings.is_redis else None
     queues: dict[str, QueueObservation] = {}

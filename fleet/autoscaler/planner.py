@@ -5,13 +5,16 @@ the same plan (every set and dict is iterated sorted). An actuator carries the p
 
 Contract:
 
-1. **Serving.** A queue ``<kind>.<accelerator>[.xN]`` (``parse_queue`` with the fleet
-   namespace; other names are ignored) can be served by a pool of that accelerator whose
-   family runs ``kind`` and which has an allowed offer of at least ``N`` devices
-   (``pool_devices``: ``pool.devices`` if set, else the offer's count; cpu: 1). Work
-   (ready + unacked > 0) nobody can serve is reported as ``Unsatisfiable`` with the reason:
-   unknown accelerator, family does not run the kind, no pool for the accelerator, or the
-   largest pool's device count.
+1. **Serving.** A queue ``<kind>.<accelerator>[.xN][@model]`` (``parse_queue`` with the
+   fleet namespace; other names are ignored) can be served by a pool of that accelerator
+   whose family runs ``kind``, which has an allowed offer of at least ``N`` devices
+   (``pool_devices``: ``pool.devices`` if set, else the offer's count; cpu: 1), and which
+   serves that queue (``PoolConfig.serving``): it holds the queue's model and its engine
+   runs ``kind``, or, for a plain queue, it holds no models. Work (ready + unacked > 0)
+   nobody can serve is reported as ``Unsatisfiable`` with the reason: unknown accelerator,
+   family does not run the kind, no pool for the accelerator, no pool of it holding the
+   model (or running the kind for it, or a pool without models for plain work), or the
+   largest serving pool's device count.
 2. **Demand.** ``work_s = (ready + unacked) x service_s`` slot-seconds, ``service_s`` the
    queue's ``sample_service_s`` if positive, else ``DEFAULT_SERVICE_S[kind]``. An instance has
    ``slots = devices // N`` for tier ``N``, counted on the offer it would launch for ``N``
@@ -43,8 +46,10 @@ Contract:
    down to ``min_instances``, newest first. Never while it has work, so a steady backlog
    cannot flap; never above ``max_instances`` either while work remains.
 6. **Clean-up** ignores cooldowns: instances of pools not in the config are terminated
-   ("orphan: ..."); PENDING ones older than ``fleet.launch_grace_s`` with no worker naming
-   them ("launch never confirmed within N s"). A pool never launches and terminates in
+   ("orphan: ..."); PENDING ones older than ``fleet.launch_grace_s`` plus the time the
+   pool's workers take to read their models (``PoolConfig.load_s``: weights over the
+   registry's load bandwidth) with no worker naming them ("launch never confirmed within
+   N s"). A pool never launches and terminates in
    the same plan: after a clean-up its launches wait for the next plan. DRAINING and
    TERMINATING instances are never terminated again.
 7. **Output.** One ``PoolDecision`` per configured pool plus one per orphan pool, sorted
@@ -80,6 +85,7 @@ from fleet.autoscaler.demand import (
     PoolView,
     assign,
     busy_tiers,
+    has_work,
     offer_ref,
     parse_demands,
     pool_devices,
@@ -98,6 +104,8 @@ from fleet.autoscaler.model import (
     Termination,
 )
 from fleet.catalog import Catalog
+from fleet.modelfit import seconds
+from fleet.models.registry import ModelRegistry
 
 __all__ = ["DEFAULT_SERVICE_S", "busy_pools", "plan", "pool_devices"]
 
@@ -127,10 +135,12 @@ def plan(snapshot: Snapshot, config: AutoscalerConfig, catalog: Catalog, now: fl
         by_pool[inst.pool].append(inst)
     confirmed = frozenset(w.instance_id for w in snapshot.workers if w.instance_id)
     blocked = _blocked_offers(snapshot.errors, config, now, snapshot.interruptions)
+    registry = config.registry
     drafts: list[_Draft] = []
     by_acc: dict[str, list[PoolView]] = defaultdict(list)
+    facts = _Facts(catalog, registry, blocked, confirmed, fleet)
     for pool in sorted(config.pools, key=lambda p: p.name):
-        draft = _draft(pool, by_pool.get(pool.name, []), catalog, blocked, confirmed, fleet, now)
+        draft = _draft(pool, by_pool.get(pool.name, []), facts, now)
         by_acc[pool.accelerator].append(draft.view)
         drafts.append(draft)
     demands, api_demands = split_api_demands(parse_demands(snapshot.queues, fleet.namespace))
@@ -142,9 +152,9 @@ def plan(snapshot: Snapshot, config: AutoscalerConfig, catalog: Catalog, now: fl
     unsatisfiable.sort(key=lambda u: u.queue)
     busy = busy_tiers(demands, catalog)
     for draft in drafts:
-        tier = busy.get(draft.view.pool.accelerator)
-        has_work = tier is not None and tier <= draft.view.max_devices
-        _size(draft, has_work=has_work, history=snapshot.history.get(draft.view.pool.name), now=now)
+        view = draft.view
+        busy_here = has_work(busy, view.pool.accelerator, view.serving, view.max_devices)
+        _size(draft, has_work=busy_here, history=snapshot.history.get(view.pool.name), now=now)
     _launch(drafts, config, spend=sum(i.usd_per_hour for i in snapshot.instances), now=now)
     decisions = [d.decision() for d in drafts]
     configured = {p.name for p in config.pools}
@@ -162,32 +172,36 @@ def busy_pools(snapshot: Snapshot, config: AutoscalerConfig, catalog: Catalog) -
     """Names of the configured pools that have work by rule 5 (for ``PoolHistory.last_busy_at``).
 
     A pool is busy when a queue it can serve (rule 1: its accelerator, a kind its family
-    runs, a tier no larger than its largest allowed offer) has ready or unacked messages.
-    The loop should record ``last_busy_at`` with this predicate so that the planner's idle
-    clock and its own agree.
+    runs, a tier no larger than its largest allowed offer, its models or the plain queues)
+    has ready or unacked messages. The loop should record ``last_busy_at`` with this
+    predicate so that the planner's idle clock and its own agree.
     """
     busy = busy_tiers(parse_demands(snapshot.queues, config.fleet.namespace), catalog)
+    registry = config.registry
     out = set()
     for pool in config.pools:
-        tier = busy.get(pool.accelerator)
-        if tier is not None and any(
-            pool_devices(pool, o.offer) >= tier for o in pool_offers(pool, catalog)
-        ):
+        largest = max((pool_devices(pool, o.offer) for o in pool_offers(pool, catalog)), default=0)
+        if has_work(busy, pool.accelerator, pool.serving(registry), largest):
             out.add(pool.name)
     return frozenset(out)
 
 
-def _draft(
-    pool: PoolConfig,
-    insts: list[Instance],
-    catalog: Catalog,
-    blocked: dict[str, set[str]],
-    confirmed: frozenset[str],
-    fleet: FleetConfig,
-    now: float,
-) -> _Draft:
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What every pool's draft reads: the catalog, the registry, offers in backoff, workers."""
+
+    catalog: Catalog
+    registry: ModelRegistry
+    blocked: dict[str, set[str]]
+    confirmed: frozenset[str]
+    fleet: FleetConfig
+
+
+def _draft(pool: PoolConfig, insts: list[Instance], facts: _Facts, now: float) -> _Draft:
     """A pool's facts for this plan, with unconfirmed launches already marked for clean-up."""
-    grace = fleet.launch_grace_s
+    load = pool.load_s(facts.registry)
+    grace = facts.fleet.launch_grace_s + load
+    confirmed = facts.confirmed
     cleanup = [
         Termination(
             pool.name, i.id, i.usd_per_hour, f"launch never confirmed within {_num(grace)} s"
@@ -201,10 +215,12 @@ def _draft(
     live = [i for i in insts if i.state in CAPACITY_STATES and i.id not in gone]
     view = PoolView(
         pool=pool,
-        offers=tuple(pool_offers(pool, catalog)),
-        blocked=frozenset(blocked.get(pool.name, ())),
+        offers=tuple(pool_offers(pool, facts.catalog)),
+        blocked=frozenset(facts.blocked.get(pool.name, ())),
         capacity=len(live),
         spend=sum(i.usd_per_hour for i in insts),
+        serving=pool.serving(facts.registry),
+        load_s=load,
     )
     return _Draft(view, insts, live, cleanup, len(live) + len(cleanup))
 
@@ -283,6 +299,11 @@ def _size(draft: _Draft, *, has_work: bool, history: PoolHistory | None, now: fl
             draft.offer = view.offer_for(max(view.top_tier, 1))
             draft.launch_reason = _backlog_reason(view, cur, draft.desired)
             draft.reasons.append(draft.launch_reason)
+            if view.models:
+                draft.reasons.append(
+                    f"each new instance loads {', '.join(view.models)}"
+                    f" ({seconds(view.load_s)} s) before it serves"
+                )
     elif draft.desired < cur and has_work:
         draft.reasons.append(
             f"holding {cur} instances for {draft.desired} desired: work remains, scale-in waits for idle"

@@ -2,7 +2,10 @@
 
 Each instance is one worker process (``fleet.localworkers.spawn_worker``) emulating the
 pool's accelerator, named ``<accelerator>-<instance id>@localhost`` and started with
-``FLEET_INSTANCE_ID`` set. What this provider promises beyond ``fleet.providers.base``:
+``FLEET_INSTANCE_ID`` set. A pool that declares models (``PoolConfig.worker_env``: the
+request's ``FLEET_ENGINE`` and comma-separated ``FLEET_MODELS``) gets workers started with
+``--engine E --model M ...`` (``worker_options``). What this provider promises beyond
+``fleet.providers.base``:
 
 * **State on disk.** Every launch writes ``<state_dir>/<instance id>.json`` atomically
   (temporary file, then rename): id, pool, accelerator, offer, token, pid, the pid's
@@ -131,6 +134,17 @@ class _Record:
             tags=dict(tags),
             log_path=str(data.get("log_path", "")),
         )
+
+
+def worker_options(env: Mapping[str, str]) -> tuple[str | None, tuple[str, ...]]:
+    """``(engine, models)`` for ``fleet worker`` from a launch's ``FLEET_ENGINE``/``FLEET_MODELS``.
+
+    ``FLEET_MODELS`` is comma-separated (blanks ignored); both absent: ``(None, ())``, a
+    plain reference worker.
+    """
+    engine = env.get("FLEET_ENGINE", "").strip() or None
+    models = tuple(m.strip() for m in env.get("FLEET_MODELS", "").split(",") if m.strip())
+    return engine, models
 
 
 def _str(value: object) -> str:
@@ -322,6 +336,7 @@ class LocalProvider:
         instance_id = f"local-{secrets.token_hex(5)}"
         node = f"{request.accelerator}-{instance_id}@localhost"
         env = {**self._env, **request.env, "FLEET_INSTANCE_ID": instance_id}
+        engine, models = worker_options(request.env)
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             worker = spawn_worker(
@@ -332,6 +347,8 @@ class LocalProvider:
                 concurrency=self.concurrency,
                 node=node,
                 new_session=True,  # instances outlive the autoscaler, like cloud VMs
+                engine=engine,
+                models=models,
             )
         except (OSError, ValueError) as exc:
             # The type and errno text only: the message of a failed exec names no env value.

@@ -3,9 +3,11 @@
 Policies:
 
 * ``fleet``: each task is placed by ``fleet.placement.place`` (cost policy, live queue loads
-  from the simulation) among the accelerators the config's pools can buy, and capacity is
-  planned by ``fleet.autoscaler.planner.plan`` every ``loop_interval_s`` from a Snapshot the
-  simulation builds, exactly as the live loop does.
+  from the simulation, the config's model registry) among the accelerators the config's
+  pools can buy, and capacity is planned by ``fleet.autoscaler.planner.plan`` every
+  ``loop_interval_s`` from a Snapshot the simulation builds, exactly as the live loop does.
+  Work for a registry model goes to its ``...@<model>`` queue, among the pools that hold
+  the model (``fleet.sim.models``).
 * ``cheapest``: each task goes to the cheapest compatible offer, ignoring queues and
   deadlines (placement without loads or deadline); capacity by the same planner.
 * ``homogeneous``: what a buyer runs today: every task on one H100 offer (AWS p5.48xlarge,
@@ -13,8 +15,8 @@ Policies:
   desired replicas are ``ceil(queue length / target)``, scale-up at once, scale-down only
   after ``cooldown_s`` without need. Tasks that 8 x H100 cannot hold are rejected.
 
-The model. An instance becomes usable ``cold_start_s`` (the family's, or ``boot_s``) after its
-launch and costs its hourly price from launch to termination, plus ``stop_s`` after a scale-in
+The model. An instance becomes usable ``cold_start_s`` (the family's, or ``boot_s``) plus the
+time its pool's models take to load (``PoolConfig.load_s``) after its launch, and costs its hourly price from launch to termination, plus ``stop_s`` after a scale-in
 decision (the drain handshake and shutdown; 0 by default). A task on ``d`` devices takes the
 throughput model's ``service_s`` of wall time and occupies ``d x busy_s / service_s`` of the
 instance's device capacity while it runs (a batching server overlaps generation streams;
@@ -55,6 +57,7 @@ from fleet.compat import devices_needed, memory_needed_gb
 from fleet.placement import NoPlacementError, Placement, Policy, QueueLoad, place
 from fleet.queues import all_queue_names, parse_queue, queue_name
 from fleet.sim.apipools import SimApiPool
+from fleet.sim.models import Holds, ModelCatalogs, pool_holds
 from fleet.sim.trace import TraceEvent
 from fleet.spec import TaskSpec
 from fleet.throughput import estimate
@@ -97,6 +100,7 @@ class SimInstance:
     running: dict[int, SimTask] = field(default_factory=dict)
     used: float = 0.0
     busy_device_s: float = 0.0
+    holds: Holds = field(default_factory=Holds)
 
     def capacity(self) -> float:
         """Device capacity (cpu: one instance)."""
@@ -127,7 +131,7 @@ class SimResult:
         """JSON-ready form (``fleet simulate --json``); placements left out for size."""
         out = {k: v for k, v in self.__dict__.items() if k != "placements"}
         out["accelerators"] = sorted(
-            {q.split(".")[1] for q in self.placements.values() if "." in q}
+            {q.split("@")[0].split(".")[1] for q in self.placements.values() if "." in q}
         )
         return out
 
@@ -174,8 +178,12 @@ class Simulation:
         for o in self.placement_catalog.apis:
             by_provider.setdefault(o.provider, []).append(o)
         self.api = {p: SimApiPool.for_offers(p, offers) for p, offers in by_provider.items()}
-        self.all_queues = all_queue_names(self.placement_catalog)
         self.tasks = [SimTask(i, e.spec, e.t) for i, e in enumerate(trace)]
+        self.models = ModelCatalogs(catalog, config)
+        self.holds = pool_holds(config)
+        self.all_queues = all_queue_names(
+            self.placement_catalog, models=self.models.entries([t.spec for t in self.tasks])
+        )
         self.rng = random.Random(seed)
         self.spot_rate = spot_interruptions_per_hour
         self.keda = (keda_target, keda_polling_s, keda_cooldown_s, keda_max)
@@ -247,16 +255,19 @@ class Simulation:
                 return
             task.queue, task.devices = "homogeneous", d
         else:
+            model = self.models.model_of(spec)
+            where = self.models.for_model(model, spec.kind)
+            registry = self.models.registry
             try:
                 if self.policy == "cheapest":
                     spec = spec.model_copy(
                         update={"slo": spec.slo.model_copy(update={"deadline_s": None})}
                     )
-                    placement = place(spec, self.placement_catalog, None, Policy.COST)
+                    placement = place(spec, where, None, Policy.COST, models=registry)
                 else:
-                    placement = place(spec, self.placement_catalog, self._loads(), Policy.COST)
+                    placement = place(spec, where, self._loads(), Policy.COST, models=registry)
             except NoPlacementError as exc:
-                task.rejected = str(exc)[:200]
+                task.rejected = (self.models.unheld(model, spec.kind) or str(exc))[:200]
                 return
             task.queue, task.devices = placement.queue, placement.devices
             if placement.api is not None:
@@ -301,6 +312,7 @@ class Simulation:
             ref is not None
             and ref.accelerator == inst.offer.accelerator
             and ref.devices <= inst.devices
+            and inst.holds.serves(ref.model, ref.kind)
         )
 
     # -- running tasks -------------------------------------------------------------------
@@ -361,6 +373,8 @@ class Simulation:
     # -- capacity ------------------------------------------------------------------------
     def _launch(self, pool: str, offer: Offer, market: str, price: float, devices: int) -> None:
         family = self.catalog.families[offer.accelerator]
+        holds = self.holds.get(pool, Holds())
+        boot = family.cold_start_s if self.boot_s is None else self.boot_s
         inst = SimInstance(
             f"sim-{next(self.ids)}",
             pool,
@@ -369,7 +383,8 @@ class Simulation:
             price,
             devices,
             self.now,
-            self.now + (family.cold_start_s if self.boot_s is None else self.boot_s),
+            self.now + boot + holds.load_s,
+            holds=holds,
         )
         self.instances[inst.id] = inst
         self._push(inst.ready_at, "ready")

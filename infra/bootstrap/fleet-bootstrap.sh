@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # fleet-bootstrap: make a fresh AWS, GCP or Azure instance a fleet worker. Detects the cloud
 # (IMDS), checks the accelerator's driver (fails loudly if a GPU host lacks it), installs
-# FLEET_PACKAGE_SPEC (default "fleet[<cloud>]") into /opt/fleet/venv, reads the broker URL
-# from the cloud's secret store with the instance's identity (never from user data), writes
-# /etc/fleet/worker.env (0600) and starts fleet-worker.service. Idempotent. Never traces
-# commands (xtrace stays off) and never prints the broker URL.
+# FLEET_PACKAGE_SPEC (default fleet[<cloud>], fleet[<cloud>,engines] with an engine) into
+# /opt/fleet/venv, reads the broker URL from the cloud's secret store with the instance's
+# identity (never from user data), writes /etc/fleet/worker.env (0600) and starts
+# fleet-worker.service. Idempotent. Never traces commands (xtrace stays off) and never
+# prints the broker URL.
 # Non-secret settings: KEY=value lines in /etc/fleet/bootstrap.env (on GCE: the metadata
 # attribute fleet-bootstrap-env): FLEET_PACKAGE_SPEC, FLEET_NAMESPACE, FLEET_ACCELERATOR
 # (expected family, default auto), FLEET_BROKER_SECRET (default fleet/broker-url on AWS,
 # fleet-broker-url else), FLEET_KEY_VAULT (Azure, required), FLEET_AZURE_CLIENT_ID (Azure
-# user-assigned identity), FLEET_SECRET_PROJECT (GCP, default the instance's project).
+# user-assigned identity), FLEET_SECRET_PROJECT (GCP, default the instance's project),
+# FLEET_ENGINE, FLEET_MODELS (the pool's engine and models: the worker's --engine/--model).
 set -euo pipefail
 umask 022
 
@@ -28,6 +30,8 @@ FLEET_BROKER_SECRET=""
 FLEET_KEY_VAULT=""
 FLEET_AZURE_CLIENT_ID=""
 FLEET_SECRET_PROJECT=""
+FLEET_ENGINE=""
+FLEET_MODELS=""
 CLOUD="${FLEET_CLOUD:-}"
 AWS_TOKEN=""
 EXTRA_ENV=()
@@ -81,7 +85,8 @@ load_config() {
   while IFS='=' read -r key value || [[ -n $key ]]; do
     case "$key" in
       FLEET_PACKAGE_SPEC | FLEET_NAMESPACE | FLEET_ACCELERATOR | FLEET_BROKER_SECRET | \
-        FLEET_KEY_VAULT | FLEET_AZURE_CLIENT_ID | FLEET_SECRET_PROJECT)
+        FLEET_KEY_VAULT | FLEET_AZURE_CLIENT_ID | FLEET_SECRET_PROJECT | FLEET_ENGINE | \
+        FLEET_MODELS)
         value="${value%\"}"
         value="${value#\"}"
         printf -v "$key" '%s' "$value"
@@ -90,6 +95,8 @@ load_config() {
       *) log "ignoring unknown setting ${key} in ${CONFIG_FILE}" ;;
     esac
   done <"$CONFIG_FILE"
+  [[ $FLEET_ENGINE =~ ^(transformers|vllm|reference)?$ ]] || die "FLEET_ENGINE: unknown engine"
+  [[ $FLEET_MODELS =~ ^[A-Za-z0-9._/,-]*$ ]] || die "FLEET_MODELS: not model names"
 }
 
 # --- accelerator driver checks
@@ -198,7 +205,8 @@ check_driver() {
 
 # --- install
 install_fleet() {
-  local spec="${FLEET_PACKAGE_SPEC:-fleet[${CLOUD}]}" marker="$VENV/.fleet-package-spec"
+  local spec="${FLEET_PACKAGE_SPEC:-fleet[${CLOUD}${FLEET_ENGINE:+,engines}]}"
+  local marker="$VENV/.fleet-package-spec"
   command -v python3 >/dev/null || die "python3 is missing"
   getent group fleet >/dev/null || groupadd --system fleet
   id -u fleet >/dev/null 2>&1 ||
@@ -303,6 +311,9 @@ write_env() {
     printf "FLEET_NAMESPACE='%s'\n" "$FLEET_NAMESPACE"
     printf "FLEET_INSTANCE_ID='%s'\n" "$iid"
     printf "FLEET_CLOUD='%s'\n" "$CLOUD" # the spot-notice watcher's metadata service
+    for item in FLEET_ENGINE FLEET_MODELS; do
+      [[ -z ${!item} ]] || printf "%s='%s'\n" "$item" "${!item}"
+    done
     for item in "${EXTRA_ENV[@]}"; do
       printf "%s='%s'\n" "${item%%=*}" "${item#*=}"
     done

@@ -8,19 +8,18 @@
 set -euo pipefail
 install -d -m 0755 /etc/systemd/system /usr/local/bin
 cat >/etc/systemd/system/fleet-worker.service <<'FLEET_WORKER_UNIT'
-# fleet worker: a Celery worker for this machine's accelerator.
-# Written by fleet-bootstrap (which also writes /etc/fleet/worker.env, mode 0600).
+# fleet worker: a Celery worker for this machine's accelerator. Written by fleet-bootstrap,
+# which also writes /etc/fleet/worker.env (mode 0600): FLEET_ENGINE and FLEET_MODELS there
+# are the worker's --engine and --model.
 #
-# Stopping (systemctl stop, a shutdown, a spot VM being reclaimed): SIGTERM makes the worker
-# stop taking tasks at once and give its running tasks FLEET_SHUTDOWN_GRACE_S (60 s); a task
-# that finishes in time is acked, one that does not is cancelled unacked and goes back to its
-# queue for another worker (workers/shutdown.py). The worker then exits 0. TimeoutStopSec
-# (grace + 30 s for closing the broker connection) must stay longer than the grace: SIGKILL
-# before the requeue would only leave the task to the broker's redelivery timeout.
-# A spot notice read from the metadata service (workers/preemption.py) drains the same way
-# within the notice window. The autoscaler still drains (cancel_consumer) before it terminates.
-# KillMode=mixed sends SIGTERM to the Celery main process only (it stops its pool children
-# itself), and SIGKILL to the whole group only if the stop times out.
+# Stopping (systemctl stop, a shutdown, a reclaimed spot VM) and a spot notice
+# (workers/preemption.py) drain alike: SIGTERM stops taking tasks and gives running ones
+# FLEET_SHUTDOWN_GRACE_S; one done in time is acked, one not is cancelled unacked and goes
+# back to its queue (workers/shutdown.py); the worker exits 0. TimeoutStopSec (grace + 30 s to
+# close the broker connection) must exceed the grace: an earlier SIGKILL leaves the task to
+# the broker's redelivery timeout. KillMode=mixed: SIGTERM to the Celery main process only
+# (it stops its pool), SIGKILL to the group only on timeout. The autoscaler drains first
+# (cancel_consumer).
 [Unit]
 Description=fleet worker (Celery) for this machine's accelerator
 Wants=network-online.target
@@ -34,6 +33,7 @@ EnvironmentFile=/etc/fleet/worker.env
 WorkingDirectory=/var/lib/fleet
 Environment=FLEET_ARTIFACT_DIR=/var/lib/fleet/artifacts
 Environment=FLEET_SHUTDOWN_GRACE_S=60
+Environment=HF_HUB_OFFLINE=1
 ExecStart=/opt/fleet/venv/bin/fleet worker --accelerator auto
 KillSignal=SIGTERM
 KillMode=mixed
@@ -50,15 +50,17 @@ cat >/usr/local/bin/fleet-bootstrap <<'FLEET_BOOTSTRAP'
 #!/usr/bin/env bash
 # fleet-bootstrap: make a fresh AWS, GCP or Azure instance a fleet worker. Detects the cloud
 # (IMDS), checks the accelerator's driver (fails loudly if a GPU host lacks it), installs
-# FLEET_PACKAGE_SPEC (default "fleet[<cloud>]") into /opt/fleet/venv, reads the broker URL
-# from the cloud's secret store with the instance's identity (never from user data), writes
-# /etc/fleet/worker.env (0600) and starts fleet-worker.service. Idempotent. Never traces
-# commands (xtrace stays off) and never prints the broker URL.
+# FLEET_PACKAGE_SPEC (default fleet[<cloud>], fleet[<cloud>,engines] with an engine) into
+# /opt/fleet/venv, reads the broker URL from the cloud's secret store with the instance's
+# identity (never from user data), writes /etc/fleet/worker.env (0600) and starts
+# fleet-worker.service. Idempotent. Never traces commands (xtrace stays off) and never
+# prints the broker URL.
 # Non-secret settings: KEY=value lines in /etc/fleet/bootstrap.env (on GCE: the metadata
 # attribute fleet-bootstrap-env): FLEET_PACKAGE_SPEC, FLEET_NAMESPACE, FLEET_ACCELERATOR
 # (expected family, default auto), FLEET_BROKER_SECRET (default fleet/broker-url on AWS,
 # fleet-broker-url else), FLEET_KEY_VAULT (Azure, required), FLEET_AZURE_CLIENT_ID (Azure
-# user-assigned identity), FLEET_SECRET_PROJECT (GCP, default the instance's project).
+# user-assigned identity), FLEET_SECRET_PROJECT (GCP, default the instance's project),
+# FLEET_ENGINE, FLEET_MODELS (the pool's engine and models: the worker's --engine/--model).
 set -euo pipefail
 umask 022
 
@@ -77,6 +79,8 @@ FLEET_BROKER_SECRET=""
 FLEET_KEY_VAULT=""
 FLEET_AZURE_CLIENT_ID=""
 FLEET_SECRET_PROJECT=""
+FLEET_ENGINE=""
+FLEET_MODELS=""
 CLOUD="${FLEET_CLOUD:-}"
 AWS_TOKEN=""
 EXTRA_ENV=()
@@ -130,7 +134,8 @@ load_config() {
   while IFS='=' read -r key value || [[ -n $key ]]; do
     case "$key" in
       FLEET_PACKAGE_SPEC | FLEET_NAMESPACE | FLEET_ACCELERATOR | FLEET_BROKER_SECRET | \
-        FLEET_KEY_VAULT | FLEET_AZURE_CLIENT_ID | FLEET_SECRET_PROJECT)
+        FLEET_KEY_VAULT | FLEET_AZURE_CLIENT_ID | FLEET_SECRET_PROJECT | FLEET_ENGINE | \
+        FLEET_MODELS)
         value="${value%\"}"
         value="${value#\"}"
         printf -v "$key" '%s' "$value"
@@ -139,6 +144,8 @@ load_config() {
       *) log "ignoring unknown setting ${key} in ${CONFIG_FILE}" ;;
     esac
   done <"$CONFIG_FILE"
+  [[ $FLEET_ENGINE =~ ^(transformers|vllm|reference)?$ ]] || die "FLEET_ENGINE: unknown engine"
+  [[ $FLEET_MODELS =~ ^[A-Za-z0-9._/,-]*$ ]] || die "FLEET_MODELS: not model names"
 }
 
 # --- accelerator driver checks
@@ -247,7 +254,8 @@ check_driver() {
 
 # --- install
 install_fleet() {
-  local spec="${FLEET_PACKAGE_SPEC:-fleet[${CLOUD}]}" marker="$VENV/.fleet-package-spec"
+  local spec="${FLEET_PACKAGE_SPEC:-fleet[${CLOUD}${FLEET_ENGINE:+,engines}]}"
+  local marker="$VENV/.fleet-package-spec"
   command -v python3 >/dev/null || die "python3 is missing"
   getent group fleet >/dev/null || groupadd --system fleet
   id -u fleet >/dev/null 2>&1 ||
@@ -352,6 +360,9 @@ write_env() {
     printf "FLEET_NAMESPACE='%s'\n" "$FLEET_NAMESPACE"
     printf "FLEET_INSTANCE_ID='%s'\n" "$iid"
     printf "FLEET_CLOUD='%s'\n" "$CLOUD" # the spot-notice watcher's metadata service
+    for item in FLEET_ENGINE FLEET_MODELS; do
+      [[ -z ${!item} ]] || printf "%s='%s'\n" "$item" "${!item}"
+    done
     for item in "${EXTRA_ENV[@]}"; do
       printf "%s='%s'\n" "${item%%=*}" "${item#*=}"
     done

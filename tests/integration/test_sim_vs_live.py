@@ -34,7 +34,8 @@ LOCAL_BOOT_S = 2.0  # used only if no boot was observed
 
 SMALL_L4 = {"kind": "inference", "model": {"name": "tiny-chat", "params_b": 0.5, "dtype": "bf16"},
             "tokens_in": 20, "tokens_out": 4, "requirements": {"accelerators": ["nvidia-l4"]}}  # fmt: skip
-SMALL_CPU = {"kind": "embedding", "model": {"name": "minilm", "params_b": 0.0227, "dtype": "fp32"},
+# Not a registry model: it stays on the plain queue of the reference local-cpu pool.
+SMALL_CPU = {"kind": "embedding", "model": {"name": "hash-embed", "params_b": 0.0227, "dtype": "fp32"},
              "input": {"texts": ["a b c"]}, "tokens_in": 3, "requirements": {"accelerators": ["cpu"]}}  # fmt: skip
 
 
