@@ -6,9 +6,14 @@ starts and returns an ``EngineHost``:
 * reference: nothing to load; always ready.
 * vllm: the parent starts the supervised server (``workers.engines.vllm``) and waits until
   it serves the model (``GET /v1/models``) before the worker consumes; pool processes reach
-  it over HTTP (``FLEET_VLLM_BASE_URL``). When the supervisor sees the server die, the
-  running tasks are cancelled unacked (``GracefulStop.requeue_running``, the drain path) so
-  their messages go back to the queue, and the server is restarted with back-off.
+  it over HTTP (``FLEET_VLLM_BASE_URL``). When the server dies the supervisor restarts it
+  with back-off; a task whose request failed waits, unacked and in the same attempt, until
+  the server serves again (``fleet.run``: at most the family's cold start plus the load
+  time, then the attempt fails and is retried or dead-lettered by the guard). A worker
+  stopped meanwhile requeues those tasks through its graceful-stop drain, as any other.
+  (Cancelling the waiting pool processes on the supervisor's signal was tried: Celery's
+  ``cancel_active_requests`` outside a shutdown left the worker holding its prefetched
+  messages without running them.)
 * transformers (in-process): with the prefork pool every pool process loads the models in
   Celery's ``worker_process_init`` (after the fork: the parent never imports torch); Celery
   gives a pool process no task before its initializer returns, and the process start
@@ -41,7 +46,6 @@ if TYPE_CHECKING:
     from fleet.settings import Settings
     from workers.engines.base import Engine
     from workers.identity import WorkerIdentity
-    from workers.shutdown import GracefulStop
 
 log = get_logger("fleet.worker")
 
@@ -70,7 +74,6 @@ class EngineHost:
     pool: str = "prefork"
     server: Engine | None = None  # vLLM: the supervised server, owned by the parent
     local: serving.Serving | None = None  # solo/threads: loaded in this process
-    stopper: GracefulStop | None = None
     _ready_dir: Any = field(default=None)
 
     def ready(self) -> bool:
@@ -110,10 +113,13 @@ class EngineHost:
             log.info("engine.ready", engine=me.engine, models=list(me.models), device=device)
 
     def on_server_down(self) -> None:
-        """The vLLM server died: requeue the running tasks through the drain path."""
-        log.warning("engine.server_down", engine=self.me.engine, models=list(self.me.models))
-        if self.stopper is not None:
-            self.stopper.requeue_running("engine server down")
+        """The vLLM server died (the supervisor restarts it); running tasks wait for it."""
+        log.warning(
+            "engine.server_down",
+            engine=self.me.engine,
+            models=list(self.me.models),
+            note="restarting; running tasks wait for it, unacked",
+        )
 
     def stop(self) -> None:
         """Stop a server engine this process started; idempotent."""
@@ -148,7 +154,6 @@ def prepare(
     registry: ModelRegistry | None,
     settings: Settings,
     pool: str,
-    stopper: GracefulStop | None = None,
 ) -> EngineHost:
     """Set up the engine for ``me`` in the worker's main process; see the module docstring.
 
@@ -157,7 +162,7 @@ def prepare(
         fleet.models.weights.WeightsError: weights missing or not fetchable.
 
     """
-    host = EngineHost(me, registry, settings, pool, stopper=stopper)
+    host = EngineHost(me, registry, settings, pool)
     host._ready_dir = serving.ready_dir(os.getpid())  # noqa: SLF001 - set once, here
     if me.engine == "reference" or registry is None:
         return host

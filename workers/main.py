@@ -170,7 +170,7 @@ def start(
     from workers import engine_host  # noqa: PLC0415 - after the identity is in the environment
 
     stop = shutdown.install()  # SIGTERM: stop consuming, a bounded grace, then requeue
-    host = engine_host.prepare(me, registry, settings, pool, stop)  # vLLM: started, ready
+    host = engine_host.prepare(me, registry, settings, pool)  # vLLM: started, ready
     beat = _register_heartbeat(settings, me, node, host.ready)
     preemption.install(stop, node, settings.namespace)  # spot notices drain the same way
     if metrics_port:

@@ -164,23 +164,6 @@ class GracefulStop:
             self._thread = threading.Thread(target=self._run, name="fleet-drain", daemon=True)
         self._thread.start()
 
-    def requeue_running(self, reason: str) -> tuple[str, ...]:
-        """Cancel the running tasks unacked now (their messages go back to their queues).
-
-        The same step as the end of a drain, without stopping the worker: used when the
-        engine a worker's tasks wait on (a vLLM server) died. Returns the task ids.
-        """
-        ids = tuple(sorted(self._active_ids()))
-        if not ids or self._consumer is None:
-            return ()
-        try:
-            self._consumer.cancel_active_requests()
-        except NotImplementedError:
-            log.warning("worker.requeue_unsupported", tasks=list(ids), reason=reason)
-            return ()
-        log.warning("worker.requeued", reason=reason, tasks=list(ids))
-        return ids
-
     def _run(self) -> None:
         started = self._clock()
         log.info("worker.draining", reason=self._reason, budget_s=round(self._budget, 3))

@@ -26,17 +26,19 @@ from fleet.app import TASK_NAME, app
 from fleet.catalog import default_catalog
 from fleet.catalog.apis import find_api_offer
 from fleet.compat import devices_needed, memory_needed_gb
+from fleet.models.registry import ModelEntry
 from fleet.obs.logs import get_logger
 from fleet.settings import Settings
 from fleet.spec import SpecError, TaskSpec, check_size, parse_spec
 from workers import apicontrol, engine_host, identity, once, serving
 from workers import metrics as worker_metrics
 from workers.devices import DeviceLeases
-from workers.engines.base import EngineRequest
+from workers.engines.base import Engine, EngineError, EngineOutput, EngineRequest
 from workers.handlers import HandlerContext, HandlerError, run_handler
 from workers.intake import GUARDED_STRATEGY
 
 log = get_logger("fleet.task")
+ENGINE_POLL_S = 0.5
 
 
 @signals.setup_logging.connect(weak=False)
@@ -266,7 +268,7 @@ def _run_engine(
         devices=ctx.devices,
         artifact_dir=settings.artifact_dir,
     )
-    made = state.engine.run(request)
+    made = _run_through_restarts(state.engine, request, _engine_wait_s(me, entry))
     output: dict[str, Any] = {
         "kind": task.kind.value,
         "model": entry.name,
@@ -289,6 +291,37 @@ def _run_engine(
         "device": state.device,
         "engine_run_s": made.run_s,
     }
+
+
+def _engine_wait_s(me: identity.WorkerIdentity, entry: ModelEntry) -> float:
+    """How long a task waits for a restarting engine server: the family's cold start + load."""
+    return default_catalog().family(me.accelerator).cold_start_s + entry.load_s()
+
+
+def _run_through_restarts(engine: Engine, request: EngineRequest, wait_s: float) -> EngineOutput:
+    """``engine.run``, waiting out a server restart instead of failing the attempt.
+
+    An ``EngineError`` while the engine says it does not serve the model (a vLLM server that
+    died and is being restarted by its supervisor) waits until it serves again, at most
+    ``wait_s``, then runs again; an ``EngineError`` from a serving engine is raised as is.
+
+    Raises:
+        EngineError: the engine failed while serving, or did not come back within ``wait_s``.
+
+    """
+    deadline = time.monotonic() + wait_s
+    name = request.model.name
+    while True:
+        try:
+            return engine.run(request)
+        except EngineError as exc:
+            if engine.ready(name) or time.monotonic() >= deadline:
+                raise
+            log.warning("engine.waiting", reason="engine not serving", detail=str(exc)[:200])
+            while not engine.ready(name):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(ENGINE_POLL_S)
 
 
 def _check_adapter(task: TaskSpec, settings: Settings) -> None:
