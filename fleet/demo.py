@@ -220,7 +220,8 @@ def _made_by(r: dict[str, Any]) -> str:
     model = r.get("model") or {}
     note = "" if model.get("pretrained") else ", random weights"
     speed = f", {r['tokens_per_s']:,.0f} tok/s" if r.get("tokens_per_s") else ""
-    return f"{engine.get('version')}: {model.get('name')}{note}{speed}"
+    version = str(engine.get("version") or engine.get("name")).split(" (", 1)[0]
+    return f"{version}: {model.get('name')}{note}{speed}"
 
 
 def _print_routes(named: list[tuple[str, TaskSpec]], handles: list[TaskHandle]) -> None:

@@ -26,6 +26,7 @@ starts and returns an ``EngineHost``:
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,11 +123,13 @@ class EngineHost:
         )
 
     def stop(self) -> None:
-        """Stop a server engine this process started; idempotent."""
+        """Stop a server engine this process started, remove the ready markers; idempotent."""
         if self.server is not None:
             self.server.stop()
         if self.local is not None:
             self.local.engine.stop()
+        if self._ready_dir is not None:
+            shutil.rmtree(self._ready_dir, ignore_errors=True)
 
 
 def _info_step(host: EngineHost) -> type[bootsteps.StartStopStep]:

@@ -34,7 +34,7 @@ def fleet_cli(
 
 
 def test_cli_submit_waits_for_the_result(broker: Broker, tmp_path: Path) -> None:
-    """`fleet submit --json --wait` enqueues on the placed queue and prints the worker's result."""
+    """`fleet submit --json --wait` enqueues on the model's queue and prints the real result."""
     spec = {
         "kind": "embedding",
         "model": {"name": "all-minilm-l6-v2", "params_b": 0.0227, "dtype": "fp32"},
@@ -44,15 +44,17 @@ def test_cli_submit_waits_for_the_result(broker: Broker, tmp_path: Path) -> None
     }
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
-    worker = spawn_worker(broker.env, "cpu", tmp_path)
+    env = {**broker.env, "HF_HUB_OFFLINE": "1"}
+    worker = spawn_worker(env, "cpu", tmp_path, engine="transformers", models=("all-minilm-l6-v2",))
     try:
-        wait_ready(broker.app, [worker])
-        out = fleet_cli(broker.env, "submit", str(path), "--json", "--wait", "60")
+        wait_ready(broker.app, [worker], timeout_s=180)
+        out = fleet_cli(env, "submit", str(path), "--json", "--wait", "120")
     finally:
         stop_workers([worker])
     assert out.returncode == 0, out.stderr
     row = json.loads(out.stdout)
-    assert row["queue"] == f"{broker.settings.namespace}embedding.cpu"
+    assert row["queue"] == f"{broker.settings.namespace}embedding.cpu@all-minilm-l6-v2"
+    assert row["result"]["engine"]["name"] == "transformers"
     assert row["result"]["output"]["dim"] == 384
     assert len(row["result"]["output"]["embeddings"]) == 2
 
@@ -88,11 +90,18 @@ def test_demo_runs_end_to_end_on_its_own_redis() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=200,
+        timeout=480,
         check=False,
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # Real engines: MiniLM and tiny-llama on transformers; the big models on reference workers.
+    text = " ".join(out.stdout.split())
+    assert "transformers" in text
+    assert "all-minilm-l6-v2" in text
+    assert "tiny-llama" in text
+    assert "random" in text  # tiny-llama's weights, said in every row it made
+    assert "reference handler" in text
     assert "throwaway Redis" in out.stdout
     assert "(emulated)" in out.stdout
     assert "judge (405B bf16)" in out.stdout

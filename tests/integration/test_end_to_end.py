@@ -129,7 +129,7 @@ def test_submit_many_lands_every_message_on_its_queue(broker: Broker, fleet: Fle
         L4_CHAT,
         {
             "kind": "embedding",
-            "model": {"name": "minilm", "params_b": 0.02, "dtype": "fp32"},
+            "model": {"name": "hash-embed", "params_b": 0.02, "dtype": "fp32"},
             "input": {"texts": ["a"]},
             "tokens_in": 10,
             "requirements": {"accelerators": ["cpu"]},

@@ -42,7 +42,7 @@ WAIT_S = float(os.environ.get("FLEET_TEST_BAD_INPUT_WAIT_S", "30"))
 WORKER_CAP = 64 * 1024  # FLEET_MAX_TASK_BYTES for the worker under test: oversized is cheap
 EMBED: dict[str, Any] = {
     "kind": "embedding",
-    "model": {"name": "all-minilm-l6-v2", "params_b": 0.0227, "dtype": "fp32"},
+    "model": {"name": "hash-embed", "params_b": 0.0227, "dtype": "fp32"},
     "input": {"texts": ["a good task"]},
     "tokens_in": 4,
     "requirements": {"accelerators": ["cpu"]},

@@ -18,7 +18,7 @@ from tests.integration.brokers import redis_url
 pytestmark = pytest.mark.integration
 SPEC = {
     "kind": "embedding",
-    "model": {"name": "minilm", "params_b": 0.0227, "dtype": "fp32"},
+    "model": {"name": "hash-embed", "params_b": 0.0227, "dtype": "fp32"},
     "input": {"texts": ["a b"]},
     "tokens_in": 2,
     "requirements": {"accelerators": ["nvidia-l4"]},

@@ -39,7 +39,7 @@ INPUT_SECRET = f"s3cr3t-input-{uuid.uuid4().hex[:10]}"
 PLAIN_SECRET = f"s3cr3t-plain-{uuid.uuid4().hex[:10]}"
 EMBED: dict[str, Any] = {
     "kind": "embedding",
-    "model": {"name": "all-minilm-l6-v2", "params_b": 0.0227, "dtype": "fp32"},
+    "model": {"name": "hash-embed", "params_b": 0.0227, "dtype": "fp32"},
     "tokens_in": 4,
     "requirements": {"accelerators": ["cpu"]},
 }

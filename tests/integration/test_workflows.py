@@ -99,7 +99,7 @@ def diamond(wid: str, middle_op: str = "echo") -> dict[str, Any]:
              "requirements": CPU, "tokens_in": 50, "tokens_out": 10,
              "input": {"op": middle_op, "payload": {"$join": ["draft said: ", {"$from": "draft", "path": "text"}]}}},
             {"id": "index", "after": ["draft"], "kind": "embedding", "requirements": CPU,
-             "model": {"name": "all-minilm-l6-v2", "params_b": 0.0227, "dtype": "fp32"},
+             "model": {"name": "hash-embed", "params_b": 0.0227, "dtype": "fp32"},
              "input": {"texts": [{"$from": "draft", "path": "text"}]}, "tokens_in": 20},
             {"id": "judge", "after": ["quote", "index"], "kind": "batch", "model": LLAMA_8B,
              "requirements": L4, "tokens_in": 50, "tokens_out": 10,

@@ -5,8 +5,8 @@
   ``normalize_embeddings=True``; unit vectors rounded to ``DECIMALS`` decimals.
   ``tokens_in`` counts the word pieces the model read (special tokens included, each text
   cut at the model's ``max_seq_length``).
-* ``plan_generation(spec, task_id)`` validates ``{"prompt", "seed"?, "temperature"?,
-  "adapter"?}``; ``generate(model, tokenizer, plan, request, device)`` runs it.
+* ``generate(model, tokenizer, plan, request, device)`` runs an inference task validated by
+  ``workers.engines.inputs.plan_generation`` (with ``input.adapter`` allowed).
   Temperature 0 (the default) is greedy: the same tokens as
   ``model.generate(..., do_sample=False)``. A positive temperature samples (plain
   temperature sampling: no top-k, no top-p) after ``torch.manual_seed(seed)``; the seed
@@ -25,26 +25,20 @@ the time after the first (decode speed), or, with one token, that token over ``t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import EngineOutput
+from workers.engines.inputs import DEFAULT_TOKENS, GenerationPlan
 from workers.handlers import (
-    MAX_TEXT_CHARS,
     HandlerError,
-    describe,
-    get_float,
-    get_int,
     get_texts,
     input_object,
     show,
-    stable_hash,
 )
 
 if TYPE_CHECKING:
     from pydantic import JsonValue
 
-    from fleet.spec import TaskSpec
     from workers.engines.base import EngineRequest
 
 TorchModel = (
@@ -52,45 +46,8 @@ TorchModel = (
 )
 Tokenizer = Any  # a transformers tokenizer
 
-DEFAULT_TOKENS = 32
-MAX_TEMPERATURE = 5.0
-MAX_SEED = 2**63 - 1
 DECIMALS = 6
 EMBED_BATCH = 32
-GENERATION_KEYS = ("prompt", "seed", "temperature", "adapter")
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationPlan:
-    """An inference task's validated input (``adapter`` unchecked: the engine loads it)."""
-
-    prompt: str
-    temperature: float
-    seed: int
-    adapter: JsonValue | None
-
-
-def plan_generation(spec: TaskSpec, task_id: str) -> GenerationPlan:
-    """Validate an inference task's input.
-
-    Raises:
-        HandlerError: a field is missing, unknown, of the wrong type or out of bounds.
-
-    """
-    data = input_object(spec, GENERATION_KEYS)
-    prompt = data.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise HandlerError(f"input.prompt: expected a non-empty string, got {describe(prompt)}")
-    if len(prompt) > MAX_TEXT_CHARS:
-        raise HandlerError(
-            f"input.prompt: at most {MAX_TEXT_CHARS:,} characters, got {len(prompt):,}"
-        )
-    return GenerationPlan(
-        prompt=prompt,
-        temperature=get_float(data, "temperature", 0.0, 0.0, MAX_TEMPERATURE),
-        seed=get_int(data, "seed", stable_hash(task_id), 0, MAX_SEED),
-        adapter=data.get("adapter"),
-    )
 
 
 class TokenClock:

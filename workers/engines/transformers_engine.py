@@ -43,6 +43,7 @@ from fleet.models.registry import ModelTask
 from fleet.spec import DType, Runtime, TaskKind
 from workers.engines import hf_serve, hf_train
 from workers.engines.base import Engine, EngineError, EngineOutput, EngineRequest, reason_missing
+from workers.engines.inputs import plan_generation
 from workers.handlers import HandlerError, describe
 
 if TYPE_CHECKING:
@@ -248,7 +249,7 @@ class TransformersEngine(Engine):
             if spec.kind is TaskKind.EMBEDDING:
                 return hf_serve.embed(loaded.model, request)
             if spec.kind is TaskKind.INFERENCE:
-                plan = hf_serve.plan_generation(spec, request.task_id)
+                plan = plan_generation(spec, request.task_id, adapters=True)
                 model = (
                     loaded.model if plan.adapter is None else self._adapter(loaded, plan.adapter)
                 )

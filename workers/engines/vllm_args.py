@@ -27,15 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from fleet.spec import Runtime
 from workers.apiclient import ChatRequest
+from workers.engines.inputs import plan_generation
 from workers.handlers import (
-    MAX_TEXT_CHARS,
-    HandlerError,
-    describe,
-    get_float,
-    get_int,
     get_texts,
     input_object,
-    stable_hash,
 )
 
 if TYPE_CHECKING:
@@ -48,9 +43,6 @@ if TYPE_CHECKING:
 SCHEMA = 1
 RUNTIMES_FILE = "vllm_runtimes.toml"
 OWNED_FLAGS = frozenset({"model", "served_model_name", "host", "port"})
-DEFAULT_TOKENS = 32
-MAX_TEMPERATURE = 5.0
-MAX_SEED = 2**63 - 1
 DECIMALS = 6
 # Dropped from the environment of a server run by another python than the worker's.
 FOREIGN_PYTHON_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
@@ -263,27 +255,19 @@ def completion_request(spec: TaskSpec, task_id: str, served: str) -> tuple[ChatR
         HandlerError: bad input, naming the field.
 
     """
-    data = input_object(spec, ("prompt", "seed", "temperature"))
-    prompt = data.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise HandlerError(f"input.prompt: expected a non-empty string, got {describe(prompt)}")
-    if len(prompt) > MAX_TEXT_CHARS:
-        raise HandlerError(
-            f"input.prompt: at most {MAX_TEXT_CHARS:,} characters, got {len(prompt):,}"
-        )
-    seed = get_int(data, "seed", stable_hash(task_id), 0, MAX_SEED)
-    max_tokens = spec.tokens_out or DEFAULT_TOKENS
+    plan = plan_generation(spec, task_id)
+    seed, max_tokens = plan.seed, plan.max_tokens
     body: dict[str, Any] = {
         "model": served,
-        "prompt": prompt,
+        "prompt": plan.prompt,
         "max_tokens": max_tokens,
-        "temperature": get_float(data, "temperature", 0.0, 0.0, MAX_TEMPERATURE),
+        "temperature": plan.temperature,
         "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
         "return_token_ids": True,
     }
-    return ChatRequest(body, len(prompt), max_tokens, path="completions"), seed
+    return ChatRequest(body, len(plan.prompt), max_tokens, path="completions"), seed
 
 
 def embedding_input(spec: TaskSpec) -> tuple[list[str], JsonValue | None]:
