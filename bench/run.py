@@ -5,6 +5,8 @@
 * bulk: ``Fleet.submit_many`` of 10,000 tasks vs a loop of ``apply_async``. Target: >= 10x faster.
 * worker: trivial tasks drained by a ``fleet worker`` vs a plain Celery worker, same pool
   and concurrency. Target: at least as fast; idle resident memory within 1.2x.
+* engines: real engines through a ``fleet worker`` vs the same engine called directly, and
+  start-to-ready per engine (``bench.engines_bench``). Target: >= 0.90x.
 
 Runs on a private Redis started for the purpose (``FLEET_BENCH_BROKER_URL`` overrides).
 Results are printed and written to ``bench/results/latest.json``.
@@ -28,7 +30,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from bench import plan_bench, reaction, sim_bench
+from bench import engines_bench, plan_bench, reaction, sim_bench
 from fleet.app import TASK_NAME, TIME_LIMITS, create_app
 from fleet.client import Fleet
 from fleet.embedded import embedded_redis
@@ -297,6 +299,7 @@ def main() -> int:
         client.flushdb()
         out["reaction"] = reaction.run(url)
         client.flushdb()
+        out["engines"] = engines_bench.run(url)
     out["plan"] = plan_bench.run()
     out["traces"] = sim_bench.run()
     s, b, w = out["submit"], out["bulk"], out["worker"]
@@ -323,6 +326,8 @@ def main() -> int:
         )
     print()
     sim_bench.print_table(out["traces"])
+    print()
+    engines_bench.print_table(out["engines"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(

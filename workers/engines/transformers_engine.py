@@ -30,6 +30,7 @@ training nor an adapter ever changes what the base model generates.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -169,15 +170,7 @@ class TransformersEngine(Engine):
     @classmethod
     def version(cls) -> str:
         """``transformers 5.25.0 (torch 2.13.0+cpu, sentence-transformers 6.3.0, peft 0.21.2)``."""
-
-        def v(dist: str) -> str:
-            try:
-                return importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                return "missing"
-
-        deps = ", ".join(f"{d} {v(d)}" for d in ("torch", "sentence-transformers", "peft"))
-        return f"transformers {v('transformers')} ({deps})"
+        return _versions()
 
     def ready(self, model: str) -> bool:
         """True once ``model`` is loaded in this process."""
@@ -314,6 +307,20 @@ class TransformersEngine(Engine):
         while len(self._adapters) > MAX_ADAPTERS:
             self._adapters.popitem(last=False)
         return model
+
+
+@functools.cache
+def _versions() -> str:
+    """The engine libraries' versions, read once per process (metadata lookups are slow)."""
+
+    def v(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "missing"
+
+    deps = ", ".join(f"{d} {v(d)}" for d in ("torch", "sentence-transformers", "peft"))
+    return f"transformers {v('transformers')} ({deps})"
 
 
 def _adapter_base(path: Path) -> str | None:

@@ -51,6 +51,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -197,6 +198,7 @@ class VllmEngine(Engine):
         self.interval_s, self.on_down = interval_s, on_down
         self.policy = policy or RestartPolicy()
         self.request_timeout_s = request_timeout_s
+        self._local = threading.local()  # per thread: an event loop and a keep-alive client
         self.supervisor: ServerSupervisor | None = None
         self._base_url: str | None = None
         self._served: str | None = None
@@ -370,16 +372,22 @@ class VllmEngine(Engine):
 
     # --- requests --------------------------------------------------------------------
 
+    def _loop_client(self) -> tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]:
+        """The event loop and keep-alive client of the calling thread (one connection each)."""
+        local = self._local
+        if getattr(local, "loop", None) is None:
+            timeout = httpx.Timeout(self.request_timeout_s, connect=5.0)
+            local.loop = asyncio.new_event_loop()
+            local.client = httpx.AsyncClient(timeout=timeout, trust_env=False)
+        return local.loop, local.client
+
     def _call(self, request: ChatRequest, estimate: int) -> Completion:
         endpoint = Endpoint("vllm", f"{self.base_url}/v1", str(self._served))
-        timeout = httpx.Timeout(self.request_timeout_s, connect=5.0)
-
-        async def call() -> Completion:
-            async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
-                return await call_endpoint(client, endpoint, request, estimate, None, _ONE_ATTEMPT)
-
+        loop, client = self._loop_client()
         try:
-            return asyncio.run(call())
+            return loop.run_until_complete(
+                call_endpoint(client, endpoint, request, estimate, None, _ONE_ATTEMPT)
+            )
         except ApiRejectedError:
             raise  # a HandlerError: the server refused this input
         except ApiCallError as exc:
