@@ -172,6 +172,12 @@ def start(
     stop = shutdown.install()  # SIGTERM: stop consuming, a bounded grace, then requeue
     host = engine_host.prepare(me, registry, settings, pool)  # vLLM: started, ready
     beat = _register_heartbeat(settings, me, node, host.ready)
+    if me.engine == "reference" and not me.emulated and api is None:
+        log.warning(
+            "worker.reference_engine",
+            note="real hardware running the CPU reference handlers: results are not a model's;"
+            " start it with --engine and --model to run real models",
+        )
     preemption.install(stop, node, settings.namespace)  # spot notices drain the same way
     if metrics_port:
         from workers import metrics  # noqa: PLC0415
