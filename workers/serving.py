@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 from fleet.models.registry import ModelEntry, ModelRegistry
 from fleet.models.weights import resolve
-from fleet.spec import Runtime, TaskKind
+from fleet.spec import Runtime, TaskKind, TaskSpec
 from workers.engines import engine_class
+from workers.engines.base import EngineRequest
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -120,10 +121,49 @@ class Serving:
         return path
 
     def hold(self, entry: ModelEntry) -> None:
-        """Load ``entry`` into the engine (a no-op when already held)."""
-        if entry.name not in self.held:
+        """Load ``entry`` into the engine (a no-op when already held).
+
+        A LoRA adapter entry (``format = "lora"``) holds its base model; the adapter is
+        applied per request (``request_for``).
+        """
+        if entry.name in self.held:
+            return
+        if entry.format == "lora":
+            base = self.registry.get(entry.base or "")
+            self.hold(base)
+            self.weights_of(entry)  # fetched now, not on the first request
+        else:
             self.engine.load(entry, self.weights_of(entry))
-            self.held[entry.name] = entry
+        self.held[entry.name] = entry
+
+    def request_for(
+        self,
+        entry: ModelEntry,
+        spec: TaskSpec,
+        task_id: str,
+        devices: tuple[int, ...] = (0,),
+        artifact_dir: Path | None = None,
+    ) -> EngineRequest:
+        """The engine request for ``spec`` on ``entry``.
+
+        A LoRA adapter entry runs on its base model with ``input.adapter`` set to the
+        adapter's weights (the engine caches the adapted model).
+        """
+        if entry.format == "lora":
+            base = self.registry.get(entry.base or "")
+            data = dict(spec.input) if isinstance(spec.input, dict) else {}
+            data["adapter"] = str(self.weights_of(entry))
+            spec = spec.model_copy(update={"input": data})
+            entry = base
+        return EngineRequest(
+            spec=spec,
+            model=entry,
+            weights=self.weights_of(entry),
+            task_id=task_id,
+            device=self.device,
+            devices=devices,
+            artifact_dir=artifact_dir,
+        )
 
 
 _current: Serving | None = None

@@ -259,16 +259,8 @@ def _run_engine(
         )
     _check_adapter(task, settings)
     state.hold(entry)  # a no-op for held models; training loads on demand
-    request = EngineRequest(
-        spec=task,
-        model=entry,
-        weights=state.weights_of(entry),
-        task_id=ctx.task_id,
-        device=state.device,
-        devices=ctx.devices,
-        artifact_dir=settings.artifact_dir,
-    )
-    made = _run_through_restarts(state.engine, request, _engine_wait_s(me, entry))
+    request = state.request_for(entry, task, ctx.task_id, ctx.devices, settings.artifact_dir)
+    made = _run_through_restarts(state.engine, request, _engine_wait_s(me, request.model))
     output: dict[str, Any] = {
         "kind": task.kind.value,
         "model": entry.name,

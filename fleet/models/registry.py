@@ -154,6 +154,11 @@ class ModelEntry(BaseModel):
             raise ValueError("base: a lora adapter names its base model")
         if self.format != "lora" and self.base:
             raise ValueError("base: only for format lora")
+        if self.format == "lora" and "vllm" in self.engines:
+            raise ValueError(
+                "engines: a lora adapter entry is served by transformers on its base"
+                " (vLLM's --lora-modules is not wired yet)"
+            )
         if self.format == "gguf" and "transformers" in self.engines:
             raise ValueError("engines: transformers cannot load gguf weights; use vllm")
         return self
@@ -165,7 +170,9 @@ class ModelEntry(BaseModel):
 
     @property
     def kinds(self) -> frozenset[TaskKind]:
-        """The task kinds this model serves."""
+        """The task kinds this model serves (a LoRA adapter entry: inference on its base)."""
+        if self.format == "lora":
+            return frozenset({TaskKind.INFERENCE})
         return KINDS_OF[self.task]
 
     @property
