@@ -510,8 +510,17 @@ class TestTinyLlamaServer:
                 errors.append(exc)
 
         worker = threading.Thread(target=in_flight)
+        started = time.monotonic()
         worker.start()
-        assert wait_for(lambda: running_requests(tiny_engine.base_url) > 0, 10)
+        # In flight: the server's gauge says so, or (the gauge lags under load) the request
+        # has run a second without an answer; a 1,000-token answer takes seconds here.
+        assert wait_for(
+            lambda: (
+                running_requests(tiny_engine.base_url) > 0
+                or (time.monotonic() - started > 1.0 and worker.is_alive() and not results)
+            ),
+            10,
+        )
         os.kill(old_pid, signal.SIGKILL)
         worker.join(30)
         assert not worker.is_alive(), "the in-flight request hung"
