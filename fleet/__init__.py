@@ -4,10 +4,11 @@
 """
 
 from fleet.client import Fleet, TaskHandle
-from fleet.placement import NoPlacementError, Placement, Policy
+from fleet.placement import ContextError, NoPlacementError, Placement, Policy
 from fleet.spec import SpecError, TaskSpec, parse_spec
 
 __all__ = [
+    "ContextError",
     "Fleet",
     "NoPlacementError",
     "Placement",
