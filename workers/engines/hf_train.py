@@ -33,8 +33,6 @@ import copy
 import json
 import math
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -42,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleet.models.atomic import atomic_dir
 from workers.engines.base import EngineError, EngineOutput
 from workers.handlers import HandlerError, describe, get_float, get_int, get_texts, input_object
 
@@ -297,17 +296,8 @@ def _save_atomic(
     manifest: dict[str, JsonValue],
 ) -> None:
     """Write the checkpoint into a temporary directory beside ``target``, then rename it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as work:
         model.save_pretrained(str(work))  # safetensors: the only format transformers 5 writes
         if method == "full":
             tokenizer.save_pretrained(str(work))
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        work.chmod(0o755)  # mkdtemp makes 0700; servers on the host read it
-        if target.exists():
-            shutil.rmtree(target)
-        work.replace(target)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
