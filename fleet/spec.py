@@ -148,11 +148,19 @@ class Requirements(BaseModel):
 
 
 class SLO(BaseModel):
-    """Service goals. ``deadline_s`` counts from submission to the end of the task."""
+    """Service goals.
+
+    ``deadline_s`` counts from submission to the end of the task. ``tpot_ms`` is the time
+    per output token a generation stream must keep (inference and batch only): placement
+    and the planner size a server's batch so that each stream decodes at least that fast,
+    the simulator counts a task that misses it as an SLO miss, and real engines report the
+    time per output token they measured beside it.
+    """
 
     model_config = _STRICT
 
     deadline_s: Annotated[_Number, Field(gt=0, le=365 * 86400)] | None = None
+    tpot_ms: Annotated[_Number, Field(gt=0, le=60_000)] | None = None
 
 
 class Budget(BaseModel):
@@ -216,6 +224,10 @@ class TaskSpec(BaseModel):
             TaskKind.FINE_TUNE,
         ):
             raise ValueError(f"training_method: only for training and fine_tune, not {self.kind}")
+        if self.slo.tpot_ms is not None and self.kind not in (TaskKind.INFERENCE, TaskKind.BATCH):
+            raise ValueError(
+                f"slo.tpot_ms: time per output token applies to inference and batch, not {self.kind}"
+            )
         clash = set(self.requirements.accelerators) & set(self.requirements.exclude)
         if clash:
             raise ValueError(f"requirements: {sorted(clash)} both allowed and excluded")

@@ -124,6 +124,13 @@ BAD_SPECS = [
     pytest.param(spec_with(requirements={"gpus": 8}), "requirements.gpus", id="requirements-extra"),
     pytest.param(spec_with(slo={"deadline_s": 0}), "slo.deadline_s", id="zero-deadline"),
     pytest.param(spec_with(slo={"deadline_s": 1e9}), "slo.deadline_s", id="deadline-over-a-year"),
+    pytest.param(spec_with(slo={"tpot_ms": 0}), "slo.tpot_ms", id="zero-tpot"),
+    pytest.param(spec_with(slo={"tpot_ms": "40"}), "slo.tpot_ms", id="tpot-as-text"),
+    pytest.param(
+        {"kind": "embedding", "model": {"name": "e", "params_b": 0.1}, "slo": {"tpot_ms": 40}},
+        "slo.tpot_ms",
+        id="tpot-on-embedding",
+    ),
     pytest.param(spec_with(budget={"max_usd": -1}), "budget.max_usd", id="negative-budget"),
     pytest.param(spec_with(idempotency_key=""), "idempotency_key", id="empty-idempotency-key"),
 ]
@@ -358,6 +365,8 @@ def valid_specs(draw):
         "min_accelerator_memory_gb": draw(st.none() | positive),
     }
     data["slo"] = {"deadline_s": draw(st.none() | st.floats(min_value=1e-3, max_value=365 * 86400))}
+    if kind in (TaskKind.INFERENCE, TaskKind.BATCH):
+        data["slo"]["tpot_ms"] = draw(st.none() | st.floats(min_value=1e-3, max_value=60_000))
     data["budget"] = {"max_usd": draw(st.none() | st.floats(min_value=1e-6, max_value=1e7))}
     data["idempotency_key"] = draw(st.none() | names)
     return parse_spec(data)
