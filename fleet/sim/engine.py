@@ -5,9 +5,9 @@ Policies:
 * ``fleet``: each task is placed by ``fleet.placement.place`` (cost policy, live queue loads
   from the simulation, the config's model registry) among the accelerators the config's
   pools can buy, and capacity is planned by ``fleet.autoscaler.planner.plan`` every
-  ``loop_interval_s`` from a Snapshot the simulation builds, exactly as the live loop does.
-  Work for a registry model goes to its ``...@<model>`` queue, among the pools that hold
-  the model (``fleet.sim.models``).
+  ``loop_interval_s`` from a Snapshot the simulation builds (``fleet.sim.snapshot``), exactly
+  as the live loop does. Work for a registry model goes to its ``...@<model>`` queue, among
+  the pools that hold the model (``fleet.sim.models``).
 * ``cheapest``: each task goes to the cheapest compatible offer, ignoring queues and
   deadlines (placement without loads or deadline); capacity by the same planner.
 * ``homogeneous``: what a buyer runs today: every task on one H100 offer (AWS p5.48xlarge,
@@ -16,19 +16,40 @@ Policies:
   after ``cooldown_s`` without need. Tasks that 8 x H100 cannot hold are rejected.
 
 The model. An instance becomes usable ``cold_start_s`` (the family's, or ``boot_s``) plus the
-time its pool's models take to load (``PoolConfig.load_s``) after its launch, and costs its hourly price from launch to termination, plus ``stop_s`` after a scale-in
-decision (the drain handshake and shutdown; 0 by default). A task on ``d`` devices takes the
-throughput model's ``service_s`` of wall time and occupies ``d x busy_s / service_s`` of the
-instance's device capacity while it runs (a batching server overlaps generation streams;
-compute-bound work occupies whole devices). Queues are FIFO. Spot instances are
-interrupted at ``spot_interruptions_per_hour`` (a Poisson process); their running tasks go
-back to the head of their queue.
+time its pool's models take to load (``PoolConfig.load_s``) after its launch, and costs its
+hourly price from launch to termination, plus ``stop_s`` after a scale-in decision (the drain
+handshake and shutdown; 0 by default). A task on ``d`` devices takes the throughput model's
+``service_s`` of wall time and occupies ``d x busy_s / service_s`` of the instance's device
+capacity while it runs (a batching server overlaps generation streams; compute-bound work
+occupies whole devices). Queues are FIFO. Spot instances are interrupted at
+``spot_interruptions_per_hour`` (a Poisson process); their running tasks go back to the head
+of their queue.
 
 API pools (the config's ``[[api_pools]]``; ``api_pools=False`` leaves them out): a task
 placement sends to ``inference.api-<provider>`` is a call on that provider's
 ``fleet.sim.apipools.SimApiPool``: no boot, no idle cost, the tokens at list price, the
 offer's latency, and queueing only behind the provider's rate limit. The autoscaler's
 overflow demand from API pools is not simulated (their queues never reach the planner).
+
+Instance lifecycle (passive transitions come from the clock and the spot market, active ones
+from the planner or the KEDA rule)::
+
+    from      event                                   to        what changes
+    --------  --------------------------------------  --------  ---------------------------
+    -         launch (tick)                           PENDING   billed from now
+    PENDING   clock reaches ready_at (passive)        USABLE    counted as a consumer
+    USABLE    scale-in picks it (active)              DRAINING  takes no new work
+    DRAINING  its last task finishes (passive)        ENDED     billing stops (+ stop_s)
+    PENDING   scale-in picks it (active)              ENDED     never served
+    any       spot interruption (passive)             ENDED     running tasks requeued first
+
+Event order. Events at equal times run in the order they were scheduled. After every event,
+dispatch runs as if it visited every usable instance in ascending id order and, for each, every
+queue it serves in the order the queues first got work, starting head tasks while they fit.
+It visits only instances that could start something: those that became usable or freed
+capacity since their last visit, and those serving a queue whose head changed (an instance
+earlier in the order that a later one's start unblocks waits for the next event, as it would
+in the full scan). So an event costs time in what it touches, and a run is linear in its tasks.
 """
 
 from __future__ import annotations
@@ -37,112 +58,39 @@ import heapq
 import itertools
 import math
 import random
-from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools
-from fleet.autoscaler.model import (
-    Instance,
-    InstanceState,
-    OfferRef,
-    PoolHistory,
-    QueueObservation,
-    Snapshot,
-    WorkerObservation,
-)
+from fleet.autoscaler.model import PoolHistory
 from fleet.autoscaler.planner import busy_pools, plan
 from fleet.catalog import Catalog, Offer
 from fleet.compat import devices_needed, memory_needed_gb
-from fleet.placement import NoPlacementError, Placement, Policy, QueueLoad, place
-from fleet.queues import all_queue_names, parse_queue, queue_name
+from fleet.placement import NoPlacementError, Placement, Policy, place
+from fleet.queues import all_queue_names, api_queue_name, parse_queue
 from fleet.sim.apipools import SimApiPool
 from fleet.sim.models import Holds, ModelCatalogs, pool_holds
+from fleet.sim.results import SimResult, summarise
+from fleet.sim.snapshot import SAMPLE, build_snapshot
+from fleet.sim.state import QueueBook, QueueLoads, SimInstance, SimTask
 from fleet.sim.trace import TraceEvent
-from fleet.spec import TaskSpec
+from fleet.spec import SLO, TaskKind
 from fleet.throughput import estimate
+
+__all__ = [
+    "HOMOGENEOUS_OFFER",
+    "POLICIES",
+    "SAMPLE",
+    "SimInstance",
+    "SimResult",
+    "SimTask",
+    "Simulation",
+    "simulate",
+]
 
 POLICIES = ("fleet", "homogeneous", "cheapest")
 HOMOGENEOUS_OFFER = ("aws", "us-east-1", "p5.48xlarge")
-SAMPLE = 20
-
-
-@dataclass
-class SimTask:
-    """A task in the simulation."""
-
-    idx: int
-    spec: TaskSpec
-    arrival: float
-    queue: str = ""
-    devices: int = 1
-    start: float | None = None
-    end: float | None = None
-    share: float = 0.0  # device capacity it occupies while running
-    service_s: float = 0.0
-    rejected: str | None = None
-
-
-@dataclass
-class SimInstance:
-    """An instance: launched, usable from ``ready_at``, billed until ``ended_at``."""
-
-    id: str
-    pool: str
-    offer: Offer
-    market: str
-    price: float
-    devices: int
-    launched_at: float
-    ready_at: float
-    ended_at: float | None = None
-    draining: bool = False
-    running: dict[int, SimTask] = field(default_factory=dict)
-    used: float = 0.0
-    busy_device_s: float = 0.0
-    holds: Holds = field(default_factory=Holds)
-
-    def capacity(self) -> float:
-        """Device capacity (cpu: one instance)."""
-        return float(self.devices)
-
-
-@dataclass(frozen=True)
-class SimResult:
-    """What a run costs and how well it served."""
-
-    policy: str
-    total_cost_usd: float
-    tasks: int
-    completed: int
-    rejected: int
-    cost_per_1k_tasks_usd: float
-    p50_latency_s: float
-    p95_latency_s: float
-    slo_attainment: float
-    utilisation: dict[str, float]
-    placements: dict[int, str]
-    instances_launched: int
-    end_s: float
-    api_cost_usd: float = 0.0
-    api_calls: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``fleet simulate --json``); placements left out for size."""
-        out = {k: v for k, v in self.__dict__.items() if k != "placements"}
-        out["accelerators"] = sorted(
-            {q.split("@")[0].split(".")[1] for q in self.placements.values() if "." in q}
-        )
-        return out
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+HOMOGENEOUS_QUEUE = "homogeneous"
 
 
 class Simulation:
@@ -178,12 +126,18 @@ class Simulation:
         for o in self.placement_catalog.apis:
             by_provider.setdefault(o.provider, []).append(o)
         self.api = {p: SimApiPool.for_offers(p, offers) for p, offers in by_provider.items()}
+        self.api_queues = {api_queue_name(p): pool for p, pool in self.api.items()}
         self.tasks = [SimTask(i, e.spec, e.t) for i, e in enumerate(trace)]
         self.models = ModelCatalogs(catalog, config)
         self.holds = pool_holds(config)
+        # The registry model of a task depends on its model name and kind only.
+        self._model_of: dict[tuple[str, TaskKind], str | None] = {}
+        one_per_model = {(t.spec.model.name, t.spec.kind): t.spec for t in self.tasks}
         self.all_queues = all_queue_names(
-            self.placement_catalog, models=self.models.entries([t.spec for t in self.tasks])
+            self.placement_catalog, models=self.models.entries(list(one_per_model.values()))
         )
+        self.book = QueueBook(self.all_queues, self._serves)
+        self.queues = self.book.queues
         self.rng = random.Random(seed)
         self.spot_rate = spot_interruptions_per_hour
         self.keda = (keda_target, keda_polling_s, keda_cooldown_s, keda_max)
@@ -193,15 +147,21 @@ class Simulation:
         self.stop_s = stop_s
         self.events: list[tuple[float, int, str, Any]] = []
         self.seq = itertools.count()
-        self.queues: dict[str, deque[SimTask]] = {}
         self.instances: dict[str, SimInstance] = {}
+        self.live: dict[str, SimInstance] = {}  # not ended, in launch order
+        self.pending: list[tuple[float, int, SimInstance]] = []  # not yet usable, by ready_at
+        self.dirty: set[str] = set()  # instances dispatch must visit next
+        self.unsettled = len(self.tasks)  # neither finished nor rejected
         self.history: dict[str, PoolHistory] = {}
         self.ids = itertools.count()
+        self.launches = itertools.count()  # ties in `pending` go by launch order
         self.now = 0.0
         self.keda_low_since: float | None = None
         self.homog_offer = next(
             o for o in catalog.offers if (o.cloud, o.region, o.instance_type) == HOMOGENEOUS_OFFER
         )
+        self.offers = {(o.cloud, o.region, o.instance_type): o for o in catalog.offers}
+        self._no_deadline: dict[SLO, SLO] = {}
 
     # -- events -------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: Any = None) -> None:  # noqa: ANN401 - event payloads vary
@@ -209,19 +169,30 @@ class Simulation:
 
     def run(self) -> SimResult:
         """Simulate until every task is done or rejected and the fleet has scaled in."""
-        for task in self.tasks:
-            self._push(task.arrival, "arrival", task)
+        # Arrivals come from the trace in time order, before any event scheduled for the same
+        # time (as if all were scheduled first), merged with the heap of everything else.
+        arrivals = sorted(self.tasks, key=lambda task: task.arrival)
+        waiting = len(arrivals)
         interval = (
             self.keda[1] if self.policy == "homogeneous" else self.config.fleet.loop_interval_s
         )
         self._push(0.0, "tick")
         last_arrival = self.tasks[-1].arrival if self.tasks else 0.0
         horizon = last_arrival + 6 * 3600.0
-        while self.events:
-            t, _, kind, payload = heapq.heappop(self.events)
+        events = self.events
+        arrived = 0
+        payload: Any
+        while arrived < waiting or events:
+            if arrived < waiting and (not events or arrivals[arrived].arrival <= events[0][0]):
+                payload = arrivals[arrived]
+                t, kind = payload.arrival, "arrival"
+                arrived += 1
+            else:
+                t, _, kind, payload = heapq.heappop(events)
             if t > horizon:
                 break
             self.now = t
+            self._activate()
             if kind == "arrival":
                 self._arrive(payload)
             elif kind == "finish":
@@ -230,17 +201,20 @@ class Simulation:
                 self._interrupt(payload)
             elif kind == "api_done":
                 payload.end = t
+                self.unsettled -= 1
             elif kind == "tick":
                 self._tick()
-                if not self._settled(last_arrival):
+                if not (t >= last_arrival and self.unsettled == 0 and not self.live):
                     self._push(t + interval, "tick")
             self._dispatch()
-        return self._result()
-
-    def _settled(self, last_arrival: float) -> bool:
-        done = all(task.end is not None or task.rejected for task in self.tasks)
-        live = any(i.ended_at is None for i in self.instances.values())
-        return self.now >= last_arrival and done and not live
+        return summarise(
+            self.policy,
+            self.tasks,
+            self.instances.values(),
+            self.api.values(),
+            self.now,
+            self.stop_s,
+        )
 
     # -- placement ----------------------------------------------------------------------
     def _arrive(self, task: SimTask) -> None:
@@ -251,29 +225,47 @@ class Simulation:
                 need, self.homog_offer.accelerator_memory_gb, self.homog_offer.accelerator_count
             )
             if d is None:
-                task.rejected = f"8 x H100 cannot hold {need:,.0f} GB"
+                self._reject(task, f"8 x H100 cannot hold {need:,.0f} GB")
                 return
-            task.queue, task.devices = "homogeneous", d
+            task.queue, task.devices = HOMOGENEOUS_QUEUE, d
         else:
-            model = self.models.model_of(spec)
+            key = (spec.model.name, spec.kind)
+            if key in self._model_of:
+                model = self._model_of[key]
+            else:
+                model = self._model_of[key] = self.models.model_of(spec)
             where = self.models.for_model(model, spec.kind)
             registry = self.models.registry
             try:
                 if self.policy == "cheapest":
-                    spec = spec.model_copy(
-                        update={"slo": spec.slo.model_copy(update={"deadline_s": None})}
-                    )
+                    if spec.slo.deadline_s is not None:
+                        spec = spec.model_copy(update={"slo": self._without_deadline(spec.slo)})
                     placement = place(spec, where, None, Policy.COST, models=registry)
                 else:
-                    placement = place(spec, where, self._loads(), Policy.COST, models=registry)
+                    loads = QueueLoads(self.book, self.api_queues, self.now)
+                    placement = place(spec, where, loads, Policy.COST, models=registry)
             except NoPlacementError as exc:
-                task.rejected = (self.models.unheld(model, spec.kind) or str(exc))[:200]
+                self._reject(task, (self.models.unheld(model, spec.kind) or str(exc))[:200])
                 return
             task.queue, task.devices = placement.queue, placement.devices
             if placement.api is not None:
                 self._call_api(task, placement)
                 return
-        self.queues.setdefault(task.queue, deque()).append(task)
+        waiting = self.book.queue(task.queue)
+        waiting.append(task)
+        if len(waiting) == 1:  # a new head: whoever serves the queue may take it
+            self._head_changed(task.queue)
+
+    def _without_deadline(self, slo: SLO) -> SLO:
+        """``slo`` without its deadline (one copy per distinct SLO, not per task)."""
+        out = self._no_deadline.get(slo)
+        if out is None:
+            out = self._no_deadline[slo] = slo.model_copy(update={"deadline_s": None})
+        return out
+
+    def _reject(self, task: SimTask, why: str) -> None:
+        task.rejected = why
+        self.unsettled -= 1
 
     def _call_api(self, task: SimTask, placement: Placement) -> None:
         offer = placement.api
@@ -283,30 +275,15 @@ class Simulation:
                 offer, self.now, task.spec.tokens_in, task.spec.tokens_out
             )
         except ValueError as exc:
-            task.rejected = str(exc)[:200]
+            self._reject(task, str(exc)[:200])
             return
         task.start, task.service_s = call.start, call.end - call.start
         self._push(call.end, "api_done", task)
 
-    def _loads(self) -> dict[str, QueueLoad]:
-        consumers: dict[str, int] = {}
-        for inst in self.instances.values():
-            if inst.ended_at is None and not inst.draining and inst.ready_at <= self.now:
-                for q in self.all_queues:
-                    if self._serves(inst, q):
-                        consumers[q] = consumers.get(q, 0) + 1
-        # Every queue placement can choose, as the live stats cache reads them: an empty,
-        # unserved queue is cold, not unknown.
-        loads = {
-            q: QueueLoad(len(self.queues.get(q, ())), consumers.get(q, 0)) for q in self.all_queues
-        }
-        for provider, pool in self.api.items():  # API workers are always up; the limit queues
-            loads[queue_name("inference", f"api-{provider}")] = QueueLoad(pool.waiting(self.now), 1)
-        return loads
-
     def _serves(self, inst: SimInstance, queue: str) -> bool:
+        """The policy's rule: whether ``inst`` consumes ``queue`` (asked once per shape and queue)."""
         if self.policy == "homogeneous":
-            return queue == "homogeneous"
+            return queue == HOMOGENEOUS_QUEUE
         ref = parse_queue(queue)
         return (
             ref is not None
@@ -317,6 +294,11 @@ class Simulation:
 
     # -- running tasks -------------------------------------------------------------------
     def _cost_shape(self, task: SimTask, inst: SimInstance) -> tuple[float, float]:
+        """``(service_s, share)`` of ``task`` on ``inst``, cached on the task per offer shape."""
+        key = (inst.offer.accelerator, inst.offer.vcpus)
+        cached = task.cost
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
         family = self.catalog.families[inst.offer.accelerator]
         est = estimate(task.spec, family, task.devices, inst.offer.vcpus)
         service = max(est.service_s, 1e-6)
@@ -325,25 +307,69 @@ class Simulation:
             if not family.per_vcpu
             else min(1.0, est.busy_s / service)
         )
+        task.cost = (key, service, share)
         return service, share
 
+    def _head_changed(self, queue: str) -> None:
+        for inst in self.book.serving(queue):
+            self.dirty.add(inst.id)
+
+    def _activate(self) -> None:
+        """Instances whose ``ready_at`` has come become usable (unless drained or ended first)."""
+        pending = self.pending
+        while pending and pending[0][0] <= self.now:
+            inst = heapq.heappop(pending)[2]
+            if not inst.draining and inst.ended_at is None:
+                self.book.activate(inst)
+                self.dirty.add(inst.id)
+
     def _dispatch(self) -> None:
-        for inst in sorted(self.instances.values(), key=lambda i: i.id):
-            if inst.ended_at is not None or inst.draining or inst.ready_at > self.now:
+        """Start what fits, in the full scan's order, visiting only instances that may start work."""
+        self._activate()
+        if not self.dirty:
+            return
+        order = sorted(self.dirty)  # a sorted list is a heap
+        visiting = set(order)
+        self.dirty = set()
+        while order:
+            inst = self.instances[heapq.heappop(order)]
+            if not inst.usable:
                 continue
-            for q, waiting in self.queues.items():
-                if not waiting or not self._serves(inst, q):
-                    continue
-                while waiting:
-                    task = waiting[0]
-                    service, share = self._cost_shape(task, inst)
-                    if inst.used + share > inst.capacity() + 1e-9:
-                        break
-                    waiting.popleft()
-                    task.start, task.service_s, task.share = self.now, service, share
-                    inst.used += share
-                    inst.running[task.idx] = task
-                    self._push(self.now + service, "finish", (inst.id, task.idx))
+            for q in self._fill(inst):
+                # The head of q changed: later instances see it in this pass, earlier ones next.
+                for other in self.book.serving(q):
+                    oid = other.id
+                    if oid > inst.id:
+                        if oid not in visiting:
+                            visiting.add(oid)
+                            heapq.heappush(order, oid)
+                    elif other is not inst:
+                        self.dirty.add(oid)
+
+    def _fill(self, inst: SimInstance) -> list[str]:
+        """Start head tasks on ``inst`` while they fit, queue by queue; the queues taken from."""
+        taken = []
+        capacity = inst.capacity() + 1e-9
+        queues = self.book.queues
+        for q in inst.served:
+            waiting = queues[q]
+            if not waiting:
+                continue
+            took = False
+            while waiting:
+                task = waiting[0]
+                service, share = self._cost_shape(task, inst)
+                if inst.used + share > capacity:
+                    break
+                waiting.popleft()
+                task.start, task.service_s, task.share = self.now, service, share
+                inst.used += share
+                inst.running[task.idx] = task
+                self._push(self.now + service, "finish", (inst.id, task.idx))
+                took = True
+            if took:
+                taken.append(q)
+        return taken
 
     def _finish(self, inst_id: str, idx: int) -> None:
         inst = self.instances[inst_id]
@@ -351,24 +377,39 @@ class Simulation:
         if task is None:  # interrupted before it finished
             return
         task.end = self.now
+        self.unsettled -= 1
         inst.used -= task.share
         inst.busy_device_s += task.share * task.service_s
+        if inst.usable:
+            self.dirty.add(inst.id)
         self._maybe_end(inst)
 
     def _interrupt(self, inst_id: str) -> None:
         inst = self.instances[inst_id]
         if inst.ended_at is not None:
             return
+        self._end(inst)
         for task in sorted(inst.running.values(), key=lambda t: -t.idx):
             task.start = None
-            self.queues.setdefault(task.queue, deque()).appendleft(task)
+            self.book.queue(task.queue).appendleft(task)
+            self._head_changed(task.queue)
         inst.running.clear()
         inst.used = 0.0
-        inst.ended_at = self.now
+
+    def _drain(self, inst: SimInstance) -> None:
+        """A scale-in decision: ``inst`` takes no new work and ends when its last task does."""
+        inst.draining = True
+        self.book.retire(inst)
+        self._maybe_end(inst)
 
     def _maybe_end(self, inst: SimInstance) -> None:
         if inst.draining and not inst.running and inst.ended_at is None:
-            inst.ended_at = self.now
+            self._end(inst)
+
+    def _end(self, inst: SimInstance) -> None:
+        inst.ended_at = self.now
+        self.book.retire(inst)
+        del self.live[inst.id]
 
     # -- capacity ------------------------------------------------------------------------
     def _launch(self, pool: str, offer: Offer, market: str, price: float, devices: int) -> None:
@@ -387,6 +428,8 @@ class Simulation:
             holds=holds,
         )
         self.instances[inst.id] = inst
+        self.live[inst.id] = inst
+        heapq.heappush(self.pending, (inst.ready_at, next(self.launches), inst))
         self._push(inst.ready_at, "ready")
         if market == "spot" and self.spot_rate > 0:
             self._push(
@@ -401,8 +444,10 @@ class Simulation:
 
     def _keda_tick(self) -> None:
         target, _, cooldown, maximum = self.keda
-        live = [i for i in self.instances.values() if i.ended_at is None and not i.draining]
-        backlog = len(self.queues.get("homogeneous", ())) + sum(len(i.running) for i in live)
+        live = [i for i in self.live.values() if not i.draining]
+        backlog = len(self.book.queues.get(HOMOGENEOUS_QUEUE, ())) + sum(
+            len(i.running) for i in live
+        )
         desired = min(maximum, math.ceil(backlog / target))
         price = self.homog_offer.on_demand_usd_per_hour or 0.0
         if desired > len(live):
@@ -423,69 +468,14 @@ class Simulation:
                 for inst in sorted(live, key=lambda i: (len(i.running), -i.launched_at))[
                     : len(live) - desired
                 ]:
-                    inst.draining = True
-                    self._maybe_end(inst)
+                    self._drain(inst)
         else:
             self.keda_low_since = None
 
-    def _snapshot(self) -> Snapshot:
-        queues: dict[str, QueueObservation] = {}
-        running: dict[str, int] = {}
-        for inst in self.instances.values():
-            for task in inst.running.values():
-                running[task.queue] = running.get(task.queue, 0) + 1
-        for q in set(self.queues) | set(running):
-            waiting = self.queues.get(q, deque())
-            sample = None
-            ref = parse_queue(q)
-            if waiting and ref is not None:
-                family = self.catalog.families[ref.accelerator]
-                vcpus = (
-                    max(
-                        (o.vcpus or 0 for o in self.catalog.offers_by_family[ref.accelerator]),
-                        default=0,
-                    )
-                    or None
-                )
-                head = list(itertools.islice(waiting, SAMPLE))
-                sample = sum(
-                    estimate(t.spec, family, ref.devices, vcpus).busy_s for t in head
-                ) / len(head)
-            queues[q] = QueueObservation(q, len(waiting), running.get(q, 0), 0, sample)
-        instances = []
-        workers = []
-        for inst in self.instances.values():
-            if inst.ended_at is not None:
-                continue
-            state = (
-                InstanceState.DRAINING
-                if inst.draining
-                else (InstanceState.RUNNING if inst.ready_at <= self.now else InstanceState.PENDING)
-            )
-            offer_ref = OfferRef(
-                inst.offer.cloud, inst.offer.region, inst.offer.instance_type, inst.market
-            )
-            instances.append(
-                Instance(
-                    inst.id,
-                    inst.pool,
-                    offer_ref,
-                    state,
-                    inst.launched_at,
-                    inst.id,
-                    inst.price,
-                    inst.devices,
-                )
-            )
-            workers.append(
-                WorkerObservation(
-                    f"w-{inst.id}", inst.offer.accelerator, inst.id, len(inst.running)
-                )
-            )
-        return Snapshot(self.now, queues, tuple(instances), tuple(workers), (), dict(self.history))
-
     def _planner_tick(self) -> None:
-        snap = self._snapshot()
+        snap = build_snapshot(
+            self.now, self.book.queues, self.live.values(), self.catalog, self.history
+        )
         decided = plan(snap, self.config, self.catalog, self.now)
         busy = busy_pools(snap, self.config, self.catalog)
         for d in decided.decisions:
@@ -496,60 +486,17 @@ class Simulation:
                 last_scale_out_at=self.now if d.launches else old.last_scale_out_at,
                 last_scale_in_at=self.now if d.terminations else old.last_scale_in_at,
             )
-        offers = {(o.cloud, o.region, o.instance_type): o for o in self.catalog.offers}
         for launch in decided.launches:
-            offer = offers[(launch.offer.cloud, launch.offer.region, launch.offer.instance_type)]
+            offer = self.offers[
+                (launch.offer.cloud, launch.offer.region, launch.offer.instance_type)
+            ]
             self._launch(
                 launch.pool, offer, launch.offer.market, launch.usd_per_hour, launch.devices
             )
         for term in decided.terminations:
             inst = self.instances.get(term.instance_id)
             if inst is not None and inst.ended_at is None:
-                inst.draining = True
-                self._maybe_end(inst)
-
-    # -- results -------------------------------------------------------------------------
-    def _result(self) -> SimResult:
-        end = self.now
-        cost = 0.0
-        util: dict[str, tuple[float, float]] = {}
-        for inst in self.instances.values():
-            stop = inst.ended_at if inst.ended_at is not None else end
-            billed_until = (
-                stop + self.stop_s if inst.draining and inst.ended_at is not None else stop
-            )
-            cost += inst.price * (billed_until - inst.launched_at) / 3600.0
-            avail = max(0.0, stop - inst.ready_at) * inst.capacity()
-            busy, total = util.get(inst.pool, (0.0, 0.0))
-            util[inst.pool] = (busy + inst.busy_device_s, total + avail)
-        done = [t for t in self.tasks if t.end is not None]
-        latencies = [t.end - t.arrival for t in done if t.end is not None]
-        met = sum(
-            1
-            for t in done
-            if t.end is not None
-            and (t.spec.slo.deadline_s is None or t.end - t.arrival <= t.spec.slo.deadline_s)
-        )
-        n = len(self.tasks)
-        api_cost = sum(pool.cost_usd for pool in self.api.values())
-        cost += api_cost
-        return SimResult(
-            policy=self.policy,
-            total_cost_usd=cost,
-            tasks=n,
-            completed=len(done),
-            rejected=sum(1 for t in self.tasks if t.rejected),
-            cost_per_1k_tasks_usd=cost / len(done) * 1000 if done else math.nan,
-            p50_latency_s=_percentile(latencies, 0.5),
-            p95_latency_s=_percentile(latencies, 0.95),
-            slo_attainment=met / n if n else math.nan,
-            utilisation={p: (b / a if a else 0.0) for p, (b, a) in sorted(util.items())},
-            placements={t.idx: t.queue for t in self.tasks if t.queue},
-            instances_launched=len(self.instances),
-            end_s=end,
-            api_cost_usd=api_cost,
-            api_calls=sum(len(pool.calls) for pool in self.api.values()),
-        )
+                self._drain(inst)
 
 
 def simulate(

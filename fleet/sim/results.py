@@ -1,0 +1,108 @@
+"""What a simulation run reports: cost, latency, SLO attainment and utilisation, from its final state.
+
+Cost is each instance's hourly price from launch to its end (or the end of the run), plus
+``stop_s`` for an instance ended by a scale-in decision, plus every API call at list price.
+Latency is end minus arrival of each completed task; a task meets its SLO when it has no
+deadline or finishes within it; ``slo_attainment`` is over all tasks, rejected ones included.
+Utilisation per pool is device time busy over device time available after ready.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fleet.sim.apipools import SimApiPool
+from fleet.sim.state import SimInstance, SimTask
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What a run costs and how well it served."""
+
+    policy: str
+    total_cost_usd: float
+    tasks: int
+    completed: int
+    rejected: int
+    cost_per_1k_tasks_usd: float
+    p50_latency_s: float
+    p95_latency_s: float
+    slo_attainment: float
+    utilisation: dict[str, float]
+    placements: dict[int, str]
+    instances_launched: int
+    end_s: float
+    api_cost_usd: float = 0.0
+    api_calls: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``fleet simulate --json``); placements left out for size."""
+        out = {k: v for k, v in self.__dict__.items() if k != "placements"}
+        out["accelerators"] = sorted(
+            {q.split("@")[0].split(".")[1] for q in self.placements.values() if "." in q}
+        )
+        return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` by linear interpolation (NaN when empty)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summarise(
+    policy: str,
+    tasks: Sequence[SimTask],
+    instances: Iterable[SimInstance],
+    api: Iterable[SimApiPool],
+    end: float,
+    stop_s: float,
+) -> SimResult:
+    """The result of a run of ``policy`` that stopped at ``end``."""
+    cost = 0.0
+    launched = 0
+    util: dict[str, tuple[float, float]] = {}
+    for inst in instances:
+        launched += 1
+        stop = inst.ended_at if inst.ended_at is not None else end
+        billed_until = stop + stop_s if inst.draining and inst.ended_at is not None else stop
+        cost += inst.price * (billed_until - inst.launched_at) / 3600.0
+        avail = max(0.0, stop - inst.ready_at) * inst.capacity()
+        busy, total = util.get(inst.pool, (0.0, 0.0))
+        util[inst.pool] = (busy + inst.busy_device_s, total + avail)
+    done = [t for t in tasks if t.end is not None]
+    latencies = [t.end - t.arrival for t in done if t.end is not None]
+    met = sum(
+        1
+        for t in done
+        if t.end is not None
+        and (t.spec.slo.deadline_s is None or t.end - t.arrival <= t.spec.slo.deadline_s)
+    )
+    n = len(tasks)
+    pools = list(api)
+    api_cost = sum(pool.cost_usd for pool in pools)
+    cost += api_cost
+    return SimResult(
+        policy=policy,
+        total_cost_usd=cost,
+        tasks=n,
+        completed=len(done),
+        rejected=sum(1 for t in tasks if t.rejected),
+        cost_per_1k_tasks_usd=cost / len(done) * 1000 if done else math.nan,
+        p50_latency_s=percentile(latencies, 0.5),
+        p95_latency_s=percentile(latencies, 0.95),
+        slo_attainment=met / n if n else math.nan,
+        utilisation={p: (b / a if a else 0.0) for p, (b, a) in sorted(util.items())},
+        placements={t.idx: t.queue for t in tasks if t.queue},
+        instances_launched=launched,
+        end_s=end,
+        api_cost_usd=api_cost,
+        api_calls=sum(len(pool.calls) for pool in pools),
+    )
