@@ -22,6 +22,11 @@ be bought), boot and cold-start time, minimum billing, idle time, queueing and
 deadlines; ignoring deadlines only lowers it further. Without capacity limits the
 optimum is the closed form of :func:`greedy_bound` (each task on its cheapest
 device-time); the LP is kept for extensions that cap capacity per bucket.
+
+It is far below what a fleet of whole instances can pay when work is sparse (one task
+an hour still needs an instance for a while). :mod:`fleet.sim.ilp` is the tight
+reference beside it: the offline optimum that buys whole instances per bucket with boot
+time charged, never below this LP.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -57,7 +62,7 @@ _STATUS = {
 }
 
 PricedOfferMarket = tuple[Offer, Market, float]  # (offer, market, USD per hour)
-ClassKey = tuple[Any, ...]  # fit shape + (tokens_in, tokens_out)
+ClassKey = tuple[Any, ...]  # see class_key
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,18 @@ def priced_offers(
 
 
 def _shape(spec: TaskSpec) -> tuple[Any, ...]:
-    """The fields that decide fit and, with the token counts, run time (not the model's name)."""
-    return (spec.kind, spec.model.params_b, spec.model.dtype, spec.method, spec.requirements)
+    """The fields that decide fit and run time besides token counts and goals: never merged.
+
+    The model's name is among them: a throughput model may look its architecture up by name.
+    """
+    return (
+        spec.kind,
+        spec.model.name,
+        spec.model.params_b,
+        spec.model.dtype,
+        spec.method,
+        spec.requirements,
+    )
 
 
 def _round_down(tokens: int, ratio: float) -> int:
@@ -102,32 +117,61 @@ def _round_down(tokens: int, ratio: float) -> int:
     return min(tokens, int(ratio ** math.floor(math.log(tokens) / math.log(ratio))))
 
 
-def _key(spec: TaskSpec, ratio: float) -> ClassKey:
+def _round_up(goal: float | None, ratio: float) -> float | None:
+    """A positive ``goal`` rounded up to the grid ``ratio**k`` (unchanged for ratio 1 or None)."""
+    if goal is None or ratio <= 1.0:
+        return goal
+    return max(goal, ratio ** math.ceil(math.log(goal) / math.log(ratio)))
+
+
+def class_key(spec: TaskSpec, ratio: float) -> ClassKey:
+    """The class of ``spec`` on the grid ``ratio``: shape, goals rounded up, tokens rounded down.
+
+    The goals are ``slo.deadline_s`` and ``slo.tpot_ms``: the throughput model sizes a
+    server's batch to meet them, and a looser goal never makes a task occupy more device
+    time, as fewer tokens never do. Key layout: ``(*shape, deadline_s, tpot_ms, tokens_in,
+    tokens_out)``.
+    """
     return (
         *_shape(spec),
+        _round_up(spec.slo.deadline_s, ratio),
+        _round_up(spec.slo.tpot_ms, ratio),
         _round_down(spec.tokens_in, ratio),
         _round_down(spec.tokens_out, ratio),
     )
 
 
-def _unit_price(catalog: Catalog, offer: Offer, usd_per_hour: float) -> float:
+def unit_price(catalog: Catalog, offer: Offer, usd_per_hour: float) -> float:
     """USD per device-second (per instance-second for cpu offers)."""
     per_vcpu = catalog.families[offer.accelerator].per_vcpu
     return usd_per_hour / 3600.0 / (1 if per_vcpu else offer.accelerator_count)
 
 
-def _class_costs(
-    spec: TaskSpec, key: ClassKey, catalog: Catalog, offers: Sequence[PricedOfferMarket]
-) -> list[tuple[int, float, float]]:
-    """``(offer index, device-seconds a task occupies, USD per device-second)`` where it fits.
+class ClassCost(NamedTuple):
+    """What one task of a class costs on one offer-market it fits."""
 
-    The class representative is ``spec`` with the class's (rounded-down) token counts.
-    Allowed clouds and markets are honoured as :mod:`fleet.placement` does.
+    offer: int  # index into the offer list
+    device_s: float  # device-seconds it occupies (cpu offers: instance-seconds)
+    unit_usd: float  # USD per device-second there
+    service_s: float  # its wall time there
+
+
+def class_costs(
+    spec: TaskSpec, key: ClassKey, catalog: Catalog, offers: Sequence[PricedOfferMarket]
+) -> list[ClassCost]:
+    """One :class:`ClassCost` per offer in ``offers`` that holds the class, in offer order.
+
+    The class representative is ``spec`` with the class's token counts and goals.
+    Allowed clouds and markets are honoured as :mod:`fleet.placement` does. The device
+    time is ``fleet.throughput.estimate(...).busy_s`` on the devices the offer would use,
+    times that device count; an offer where the estimate is not finite is left out.
     """
-    rep = spec.model_copy(update={"tokens_in": key[-2], "tokens_out": key[-1]})
+    deadline_s, tpot_ms, tokens_in, tokens_out = key[-4:]
+    goals = spec.slo.model_copy(update={"deadline_s": deadline_s, "tpot_ms": tpot_ms})
+    rep = spec.model_copy(update={"tokens_in": tokens_in, "tokens_out": tokens_out, "slo": goals})
     need = memory_needed_gb(rep)
     req = rep.requirements
-    busy: dict[tuple[str, int, int | None], float] = {}
+    runs: dict[tuple[str, int, int | None], tuple[float, float]] = {}
     out = []
     for j, (offer, market, price) in enumerate(offers):
         family = catalog.families[offer.accelerator]
@@ -141,27 +185,30 @@ def _class_costs(
         if d is None:
             continue
         group = (family.name, d, offer.vcpus)
-        if group not in busy:
-            busy[group] = estimate(rep, family, d, offer.vcpus).busy_s
+        if group not in runs:
+            est = estimate(rep, family, d, offer.vcpus)
+            runs[group] = (est.busy_s, est.service_s)
+        busy, service = runs[group]
         # cpu offers: the whole instance is the device, whatever vCPU count ran the task.
-        a = busy[group] * (1 if family.per_vcpu else d)
-        out.append((j, a, _unit_price(catalog, offer, price)))
+        a = busy * (1 if family.per_vcpu else d)
+        if math.isfinite(a) and math.isfinite(service):
+            out.append(ClassCost(j, a, unit_price(catalog, offer, price), service))
     return out
 
 
-def _classes(trace: Sequence[TraceEvent], max_classes: int) -> list[ClassKey]:
-    """Each task's class, on the finest token grid giving at most ``max_classes`` classes.
+def token_grid(trace: Sequence[TraceEvent], max_classes: int) -> float:
+    """The finest token grid (a ratio of ``TOKEN_GRIDS``) giving at most ``max_classes`` classes.
 
-    Merging rounds token counts DOWN to a logarithmic grid, so a class's representative
-    never takes longer than any of its tasks (run time grows with tokens; fit depends
-    only on the shape): the bound stays a lower bound, only looser. Shapes are never
-    merged; if even the coarsest grid leaves more classes, the LP is simply larger.
+    Merging rounds token counts DOWN and goals UP to a logarithmic grid
+    (:func:`class_key`), so a class's representative never occupies more device time
+    than any of its tasks (fit depends only on the shape): the bound stays a lower bound,
+    only looser. Shapes are never merged; if even the coarsest grid leaves more classes,
+    the LP is simply larger.
     """
     for ratio in TOKEN_GRIDS:
-        keys = [_key(e.spec, ratio) for e in trace]
-        if len(set(keys)) <= max_classes:
-            break
-    return keys
+        if len({class_key(e.spec, ratio) for e in trace}) <= max_classes:
+            return ratio
+    return TOKEN_GRIDS[-1]
 
 
 def greedy_bound(
@@ -173,13 +220,13 @@ def greedy_bound(
     and is at least it otherwise. Tasks that fit no offer add nothing.
     """
     offers = priced_offers(catalog, config)
-    counts = Counter(_key(e.spec, 1.0) for e in trace)
-    specs = {_key(e.spec, 1.0): e.spec for e in trace}
+    counts = Counter(class_key(e.spec, 1.0) for e in trace)
+    specs = {class_key(e.spec, 1.0): e.spec for e in trace}
     total = 0.0
     for key, n in counts.items():
-        costs = _class_costs(specs[key], key, catalog, offers)
+        costs = class_costs(specs[key], key, catalog, offers)
         if costs:
-            total += n * min(a * unit for _, a, unit in costs)
+            total += n * min(c.device_s * c.unit_usd for c in costs)
     return total
 
 
@@ -206,11 +253,12 @@ def lower_bound(
     t0 = min((e.t for e in trace), default=0.0)
     bucket_of = [int((e.t - t0) // bucket_s) for e in trace]
     n_b = max(bucket_of, default=0) + 1
-    keys = _classes(trace, max_classes)
+    ratio = token_grid(trace, max_classes)
+    keys = [class_key(e.spec, ratio) for e in trace]
     specs = dict(zip(keys, (e.spec for e in trace), strict=True))
-    fitting: dict[ClassKey, list[tuple[int, float, float]]] = {}
+    fitting: dict[ClassKey, list[ClassCost]] = {}
     for key, spec in specs.items():
-        costs = _class_costs(spec, key, catalog, offers)
+        costs = class_costs(spec, key, catalog, offers)
         if costs:
             fitting[key] = costs
     index = {key: c for c, key in enumerate(fitting)}
@@ -224,8 +272,8 @@ def lower_bound(
     sizes = (n_b, len(index), len(offers), infeasible)
     if not index:
         return LowerBound(0.0, "optimal", *sizes)
-    pairs = [(index[key], j, a) for key, costs in fitting.items() for j, a, _ in costs]
-    unit = np.array([_unit_price(catalog, o, p) for o, _, p in offers])
+    pairs = [(index[key], c.offer, c.device_s) for key, costs in fitting.items() for c in costs]
+    unit = np.array([unit_price(catalog, o, p) for o, _, p in offers])
     cost, status = _solve(pairs, unit, arrivals)
     return LowerBound(cost, status, *sizes)
 
