@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -365,11 +366,42 @@ def drain(target: str, config_path: str) -> None:
     help="Spot interruptions per instance-hour.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--bucket-s",
+    type=click.FloatRange(min=1.0),
+    default=300.0,
+    show_default=True,
+    help="The tight bound buys whole instances per bucket of this many seconds.",
+)
+@click.option(
+    "--bound-time-s",
+    type=click.FloatRange(min=1.0),
+    default=60.0,
+    show_default=True,
+    help="Solver time limit for the tight bound.",
+)
+@click.option("--bound/--no-bound", default=True, show_default=True, help="Compute the bounds.")
 @click.option("--json", "as_json", is_flag=True)
 def simulate(
-    trace_path: str, config_path: str, policy: str, spot_rate: float, seed: int, as_json: bool
+    trace_path: str,
+    config_path: str,
+    policy: str,
+    spot_rate: float,
+    seed: int,
+    bucket_s: float,
+    bound_time_s: float,
+    bound: bool,
+    as_json: bool,
 ) -> None:
-    """Replay a trace through the real placement and planner on a virtual clock."""
+    """Replay a trace through the real placement and planner on a virtual clock.
+
+    Beside the run's cost it reports two bounds on the config's pools, each knowing the
+    whole trace: ``bound_usd``, the optimum that buys whole instances per ``--bucket-s``
+    bucket with boot charged (``fleet.sim.ilp``; a tight reference, not a strict lower
+    bound), ``lp_bound_usd``, the fractional LP below every policy
+    (``fleet.sim.lowerbound``), and ``cost_over_bound``. A bound that cannot be solved
+    prints why (stderr) and is NaN; the command still exits 0.
+    """
     from fleet.catalog import default_catalog  # noqa: PLC0415
     from fleet.sim.engine import simulate as run_sim  # noqa: PLC0415
     from fleet.sim.trace import TraceError, read_trace  # noqa: PLC0415
@@ -380,28 +412,74 @@ def simulate(
     except (OSError, TraceError) as exc:
         err.print(f"[red]bad trace:[/] {exc}")
         sys.exit(EXIT_INPUT)
-    result = run_sim(
-        trace, cfg, default_catalog(), policy, spot_interruptions_per_hour=spot_rate, seed=seed
-    )
+    catalog = default_catalog()
+    result = run_sim(trace, cfg, catalog, policy, spot_interruptions_per_hour=spot_rate, seed=seed)
     data = result.to_dict()
+    if bound:
+        data |= _bounds(trace, cfg, catalog, bucket_s, bound_time_s, data["total_cost_usd"])
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    for key in (
-        "policy",
-        "tasks",
-        "completed",
-        "rejected",
-        "total_cost_usd",
-        "cost_per_1k_tasks_usd",
-        "p50_latency_s",
-        "p95_latency_s",
-        "slo_attainment",
-    ):
+    keys = ["policy", "tasks", "completed", "rejected", "total_cost_usd", "cost_per_1k_tasks_usd"]
+    keys += ["p50_latency_s", "p95_latency_s", "slo_attainment"]
+    if bound:
+        keys += ["bound_usd", "bound_gap", "lp_bound_usd", "cost_over_bound"]
+    for key in keys:
         value = data[key]
         console.print(f"{key:24} {value:.4g}" if isinstance(value, float) else f"{key:24} {value}")
     for pool, u in data["utilisation"].items():
         console.print(f"utilisation {pool:12} {u:.1%}")
+    for buy in data.get("bound_buys", ()):
+        models = f" holding {', '.join(buy['models'])}" if buy["models"] else ""
+        console.print(
+            f"bound buys   {buy['offer']} {buy['market']}{models}: peak {buy['peak']},"
+            f" {buy['instance_buckets']} instance-buckets, ${buy['cost_usd']:.4g}"
+        )
+
+
+def _bounds(
+    trace: Any,  # noqa: ANN401 - list[TraceEvent], imported lazily
+    config: AutoscalerConfig,
+    catalog: Any,  # noqa: ANN401 - Catalog, imported lazily
+    bucket_s: float,
+    time_limit_s: float,
+    cost_usd: float,
+) -> dict[str, Any]:
+    """The tight bound and the LP for ``trace`` on ``config``'s pools, as ``simulate`` reports them.
+
+    A bound that is not solved to optimality is NaN, and why is printed on stderr.
+    """
+    from fleet.sim.ilp import tight_bound  # noqa: PLC0415
+    from fleet.sim.lowerbound import lower_bound  # noqa: PLC0415
+
+    tight = tight_bound(trace, catalog, config, bucket_s=bucket_s, time_limit_s=time_limit_s)
+    lp = lower_bound(trace, catalog, config, bucket_s=bucket_s)
+    for name, status in (("tight bound", tight.status), ("LP bound", lp.status)):
+        if status != "optimal":
+            err.print(f"[yellow]{name} not solved:[/] {escape(status)}")
+    usable = tight.cost_usd > 0 and not math.isnan(tight.cost_usd)
+    return {
+        "bound_usd": tight.cost_usd,
+        "bound_status": tight.status,
+        "bound_gap": tight.gap,
+        "bound_dual_usd": tight.dual_bound_usd,
+        "bound_bucket_s": tight.bucket_s,
+        "bound_solve_s": tight.solve_s,
+        "bound_buys": [
+            {
+                "offer": b.offer,
+                "market": b.market,
+                "models": list(b.models),
+                "peak": b.peak,
+                "instance_buckets": sum(b.counts),
+                "cost_usd": b.cost_usd,
+            }
+            for b in tight.buys
+        ],
+        "lp_bound_usd": lp.cost_usd,
+        "lp_bound_status": lp.status,
+        "cost_over_bound": cost_usd / tight.cost_usd if usable else math.nan,
+    }
 
 
 @catalog_group.command("refresh")
