@@ -85,6 +85,11 @@ def resolve_identity(
     ``accelerator`` is ``auto`` or a canonical name. A name that matches the detected
     chip uses the real device count; any other name is an emulation.
 
+    A per-vCPU family (``cpu``) has no device to share: its ``devices`` are task slots,
+    one per task it runs at once (``devices``, else ``concurrency``, else one per vCPU),
+    leased like GPUs so that each pool process gets its own slot. Queue tiers stay at one
+    and the memory check uses the host's RAM once (``workers.tasks``), whatever the count.
+
     Raises:
         KeyError: unknown accelerator name.
 
@@ -93,7 +98,10 @@ def resolve_identity(
         if detected is None:
             raise ValueError("auto detection needs a detection result")
         family = catalog.family(detected.accelerator)
-        n = 1 if family.per_vcpu else (devices or detected.devices)
+        if family.per_vcpu:
+            n = devices or concurrency or detected.vcpus or 1
+        else:
+            n = devices or detected.devices
         return ident.WorkerIdentity(
             accelerator=detected.accelerator,
             devices=n,
@@ -101,9 +109,11 @@ def resolve_identity(
             emulated=False,
             product=detected.product,
             queues=queues_for_worker(family, n, namespace),
-            concurrency=concurrency or (detected.vcpus or 1 if family.per_vcpu else n),
+            concurrency=concurrency or n,
         )
-    return ident.emulated_identity(catalog, accelerator, devices or 1, concurrency, namespace)
+    per_vcpu = catalog.family(accelerator).per_vcpu
+    n = devices or ((concurrency or 1) if per_vcpu else 1)
+    return ident.emulated_identity(catalog, accelerator, n, concurrency, namespace)
 
 
 def start(

@@ -111,30 +111,49 @@ def _device_leases(devices: int) -> DeviceLeases:
     return _leases
 
 
-# resultrepr_maxsize: Celery reprs every return value for its log line, even when that
-# line is not logged; a short cap keeps that cheap (it was a third of a trivial task's
-# time) and keeps task outputs, which may be sensitive, out of worker logs.
+# resultrepr_maxsize=0: Celery reprs every return value for its "succeeded" log line, even
+# when that line is not logged, and its saferepr walks the whole result whatever the cap;
+# 0 stops it at the first token (the line then ends in "..."), and keeps task outputs,
+# which may be sensitive, out of worker logs.
 # Strategy: a body of the wrong shape is rejected instead of stopping the worker (intake).
 # A dotted path, as Celery expects: a function object would be bound as a method.
-@app.task(name=TASK_NAME, bind=True, resultrepr_maxsize=128, Strategy=GUARDED_STRATEGY)
+# track_started=False: the guard writes STARTED itself, in its claim step where it can
+# (workers.records); clients still see STARTED.
+@app.task(
+    name=TASK_NAME,
+    bind=True,
+    resultrepr_maxsize=0,
+    Strategy=GUARDED_STRATEGY,
+    track_started=False,
+)
 def run(
     self: Task[Any, Any], spec: dict[str, Any], placement: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Run one TaskSpec on this worker's accelerator; see the module docstring.
 
-    At most once to completion per task id, poison tasks dead-lettered: ``workers.once``.
+    At most once to completion per task id, poison tasks dead-lettered, STARTED and
+    SUCCESS written with the guard's own steps: ``workers.once``.
     """
     return once.guarded(
-        self, spec, placement, lambda: execute(self, spec, placement), refused=(TaskRefusedError,)
+        self,
+        spec,
+        placement,
+        lambda: execute(self, spec, placement),
+        refused=(TaskRefusedError,),
+        status=True,
     )
 
 
 def execute(
-    self: Task[Any, Any], spec: dict[str, Any], placement: dict[str, Any] | None = None
+    self: Task[Any, Any],
+    spec: dict[str, Any],
+    placement: dict[str, Any] | None = None,
+    task_id: str | None = None,
 ) -> dict[str, Any]:
-    """The body of ``fleet.run``, shared with workflow steps (``workers.steps``).
+    """The body of ``fleet.run``, shared with workflow steps and packed tasks.
 
-    ``self`` is the running Celery task (its request gives the task id and queue).
+    ``self`` is the running Celery task (its request gives the queue, and the task id
+    unless ``task_id`` names another: one spec of a packed message, ``workers.pack``).
 
     Raises:
         TaskRefusedError: invalid spec, more than this worker holds, or bad input.
@@ -164,7 +183,7 @@ def execute(
     leases = nullcontext((0,)) if me.api_provider else _device_leases(me.devices).lease(devices)
     with leases as leased:
         ctx = HandlerContext(
-            task_id=str(self.request.id),
+            task_id=task_id or str(self.request.id),
             accelerator=me.accelerator,
             emulated=me.emulated,
             artifact_dir=settings.artifact_dir,
@@ -205,7 +224,7 @@ def execute(
         estimated_cost_usd=(placement or {}).get("estimated_cost_usd"),
     )
     return {
-        "task_id": self.request.id,
+        "task_id": task_id or self.request.id,
         "output": output,
         "accelerator": me.accelerator,
         # An API worker is real, but the endpoint it calls may be fleet's emulated one.
@@ -343,16 +362,20 @@ def _engine_ready(me: identity.WorkerIdentity) -> bool:
 
 
 def _fit_check(task: TaskSpec, me: identity.WorkerIdentity) -> int:
-    """Devices ``task`` needs on this worker; refuses a task it cannot hold."""
+    """Devices ``task`` needs on this worker; refuses a task it cannot hold.
+
+    On a per-vCPU family (cpu) the devices are task slots sharing one host's RAM: a task
+    fits when the RAM holds it and takes one slot.
+    """
     need = memory_needed_gb(task)
-    devices = devices_needed(need, me.memory_gb, me.devices)
+    per_vcpu = default_catalog().family(me.accelerator).per_vcpu
+    devices = devices_needed(need, me.memory_gb, 1 if per_vcpu else me.devices)
     if devices is None:
         log.warning(
             "task.refused", reason="does not fit this worker", need_gb=need, worker=me.label
         )
-        raise TaskRefusedError(
-            f"needs {need:,.1f} GB; this worker ({me.label}) holds {me.devices} x {me.memory_gb:g} GB"
-        )
+        held = f"{me.memory_gb:g} GB of RAM" if per_vcpu else f"{me.devices} x {me.memory_gb:g} GB"
+        raise TaskRefusedError(f"needs {need:,.1f} GB; this worker ({me.label}) holds {held}")
     return devices
 
 

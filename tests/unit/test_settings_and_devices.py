@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from fleet.catalog import default_catalog
 from fleet.embedded import embedded_redis, free_port, redis_server_binary
 from fleet.settings import DEFAULT_BROKER_URL, Settings, is_redis_url, masked
+from fleet.spec import parse_spec
 from workers.detect import Detected, cpu_detected
 from workers.devices import DeviceLeases
 from workers.identity import WorkerIdentity
@@ -265,9 +266,35 @@ def test_detected_cpu_with_accelerator_cpu_is_real():
     detected = cpu_detected(vcpus=8, ram_gb=32.0, product="Test CPU")
     me = resolve_identity(CATALOG, "cpu", None, None, "", detected)
     assert not me.emulated
-    assert (me.accelerator, me.devices, me.concurrency) == ("cpu", 1, 8)
+    assert (me.accelerator, me.devices, me.concurrency) == ("cpu", 8, 8)
     assert set(me.queues) == {f"{k}.cpu" for k in KINDS}
     assert me.product == "Test CPU"
+
+
+@pytest.mark.parametrize(
+    ("devices", "concurrency", "slots", "processes"),
+    [
+        (2, 2, 2, 2),  # --devices is honoured (it used to be forced to 1)
+        (None, 2, 2, 2),  # one slot per pool process by default
+        (4, None, 4, 4),
+        (None, None, 8, 8),  # one per vCPU
+        (1, 2, 1, 2),  # asked for: the second process waits for the slot
+    ],
+)
+def test_a_cpu_worker_has_one_task_slot_per_device(devices, concurrency, slots, processes):
+    """On cpu, devices are task slots (leased like GPUs), never silently one for the whole pool."""
+    detected = cpu_detected(vcpus=8, ram_gb=32.0)
+    me = resolve_identity(CATALOG, "cpu", devices, concurrency, "", detected)
+    assert (me.devices, me.concurrency) == (slots, processes)
+    assert set(me.queues) == {f"{k}.cpu" for k in KINDS}  # no .xN tiers on cpu
+
+
+def test_an_emulated_cpu_worker_gets_a_slot_per_pool_process():
+    """Naming cpu on a GPU machine emulates it, with the same slot rule."""
+    detected = Detected("nvidia-l4", 1, 24.0, "nvidia-smi", "NVIDIA L4", vcpus=8)
+    me = resolve_identity(CATALOG, "cpu", None, 3, "", detected)
+    assert (me.emulated, me.devices, me.concurrency) == (True, 3, 3)
+    assert set(me.queues) == {f"{k}.cpu" for k in KINDS}
 
 
 def test_auto_on_a_cpu_machine_is_cpu():
@@ -345,3 +372,19 @@ def test_embedded_redis_answers_ping_and_stops():
 def test_free_port_is_bindable():
     """free_port returns a loopback port number in the valid range."""
     assert 1 <= free_port() <= 65535
+
+
+@pytest.mark.parametrize(("params_b", "fits"), [(1, True), (12, False)])
+def test_cpu_slots_share_one_hosts_ram(params_b, fits):
+    """Four cpu slots on a 16 GB host hold what 16 GB holds, in one slot, not four times it."""
+    from workers.tasks import TaskRefusedError, _fit_check  # noqa: PLC0415 - builds the app
+
+    me = resolve_identity(CATALOG, "cpu", 4, 4, "", cpu_detected(vcpus=4, ram_gb=16.0))
+    spec = parse_spec(
+        {"kind": "inference", "model": {"name": "m", "params_b": params_b, "dtype": "bf16"}}
+    )
+    if fits:
+        assert _fit_check(spec, me) == 1
+    else:
+        with pytest.raises(TaskRefusedError, match="16 GB of RAM"):
+            _fit_check(spec, me)
