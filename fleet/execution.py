@@ -18,6 +18,10 @@ dead-letter entry and counts the attempt, and reports what it saw as a ``ClaimOu
 releases the claim in one step too, so a trivial task costs two round trips, plus one
 claim refresh per third of the claim TTL while it runs.
 
+Both steps can also write Celery's own record of the task's state (a ``StatusRecord``:
+STARTED with the claim, SUCCESS with the result) when the result backend is this same
+Redis database, so that Celery need not write them itself (``workers.records``).
+
 Every record expires after ``record_ttl_s`` (default 7 days) so the store does not
 grow forever. ``RedisExecutionStore`` is the real one; ``MemoryExecutionStore`` is the
 same contract in memory with an injected clock, for unit tests (it is part of the
@@ -46,6 +50,7 @@ __all__ = [
     "ExecutionStore",
     "MemoryExecutionStore",
     "RedisExecutionStore",
+    "StatusRecord",
     "state_url",
 ]
 
@@ -88,6 +93,24 @@ class ClaimOutcome:
     last_error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StatusRecord:
+    """Celery's result record of a task, written by a store step beside its own records.
+
+    ``key`` is where Celery's Redis result backend keeps the task's state
+    (``celery-task-meta-<id>`` with the backend's prefixes), ``value`` the record encoded
+    as that backend encodes it, ``ttl_s`` its expiry (``result_expires``; None: none).
+    A step writes it and publishes it on the channel named ``key`` (where Celery's result
+    consumers listen), exactly as the backend's own ``set`` does, unless the record held
+    there already says SUCCESS: like Celery's ``_store_result``, a later write never
+    replaces a success.
+    """
+
+    key: str
+    value: str
+    ttl_s: float | None = None
+
+
 class ExecutionStore(Protocol):
     """The records of one fleet's executions (see the module docstring).
 
@@ -95,13 +118,21 @@ class ExecutionStore(Protocol):
     mutual exclusion.
     """
 
-    def try_claim(self, task_id: str, holder: str, ttl_s: float, max_attempts: int) -> ClaimOutcome:
+    def try_claim(
+        self,
+        task_id: str,
+        holder: str,
+        ttl_s: float,
+        max_attempts: int,
+        started: StatusRecord | None = None,
+    ) -> ClaimOutcome:
         """Admit one delivery of ``task_id`` for ``holder``, atomically; see ``ClaimOutcome``.
 
         In order: count the delivery; a recorded result ends the step (``done``); take the
         claim (SET NX, ``ttl_s``) or end with the holder's remaining TTL (``held``); a
         dead-letter entry releases the claim again and ends the step (``dead``); count the
-        attempt, and past ``max_attempts`` read the last error (``claimed``).
+        attempt, and past ``max_attempts`` read the last error (``claimed``), else write
+        ``started`` (``StatusRecord``) when given.
         """
 
     def refresh(self, task_id: str, holder: str, ttl_s: float) -> bool:
@@ -116,8 +147,14 @@ class ExecutionStore(Protocol):
     def done(self, task_id: str) -> dict[str, Any] | None:
         """The recorded result of the completed execution, or None."""
 
-    def finish(self, task_id: str, holder: str, result: dict[str, Any]) -> None:
-        """Record ``result`` as the one result, then release ``holder``'s claim."""
+    def finish(
+        self,
+        task_id: str,
+        holder: str,
+        result: dict[str, Any],
+        status: StatusRecord | None = None,
+    ) -> None:
+        """Record ``result`` as the one result, release ``holder``'s claim, write ``status``."""
 
     def counts(self, task_id: str) -> tuple[int, int]:
         """``(deliveries, attempts)`` so far."""
@@ -138,10 +175,32 @@ class ExecutionStore(Protocol):
         """Forget everything about ``task_id`` (a requeue from the dead-letter queue)."""
 
 
-# KEYS: the records in _FIELDS order: claim, done, deliveries, attempts, error, dead.
-# ARGV: holder, claim TTL (ms), record TTL (ms), max attempts.
+# Writes a StatusRecord (key, value, TTL in ms or 0) unless it says SUCCESS already, and
+# publishes it, as Celery's RedisBackend.set does (SET PX + PUBLISH on the key's channel).
+_PUT_STATUS = """
+local function put_status(key, value, ttl)
+  local current = redis.call('get', key)
+  if current then
+    local ok, meta = pcall(cjson.decode, current)
+    if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
+      return
+    end
+  end
+  if tonumber(ttl) > 0 then
+    redis.call('set', key, value, 'px', ttl)
+  else
+    redis.call('set', key, value)
+  end
+  redis.call('publish', key, value)
+end
+"""
+# KEYS: the records in _FIELDS order: claim, done, deliveries, attempts, error, dead;
+# then, optionally, the StatusRecord's key.
+# ARGV: holder, claim TTL (ms), record TTL (ms), max attempts[, status value, status TTL (ms)].
 # Returns {seen, attempt, payload, claim pttl}; a false element comes back as None.
-_TRY_CLAIM = """
+_TRY_CLAIM = (
+    _PUT_STATUS
+    + """
 redis.call('incr', KEYS[3])
 redis.call('pexpire', KEYS[3], ARGV[3])
 local done = redis.call('get', KEYS[2])
@@ -161,9 +220,12 @@ redis.call('pexpire', KEYS[4], ARGV[3])
 local err = false
 if attempt > tonumber(ARGV[4]) then
   err = redis.call('get', KEYS[5])
+elseif KEYS[7] then
+  put_status(KEYS[7], ARGV[5], ARGV[6])
 end
 return {'claimed', attempt, err, false}
 """
+)
 _REFRESH = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -176,13 +238,21 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-_FINISH = """
+# KEYS: claim, done[, the StatusRecord's key]. ARGV: holder, result, record TTL (ms)[,
+# status value, status TTL (ms)].
+_FINISH = (
+    _PUT_STATUS
+    + """
 redis.call('set', KEYS[2], ARGV[2], 'px', ARGV[3])
 if redis.call('get', KEYS[1]) == ARGV[1] then
   redis.call('del', KEYS[1])
 end
+if KEYS[3] then
+  put_status(KEYS[3], ARGV[4], ARGV[5])
+end
 return 1
 """
+)
 
 
 class RedisExecutionStore:
@@ -208,14 +278,28 @@ class RedisExecutionStore:
         client = redis_client(url, tls, socket_timeout=5, socket_connect_timeout=5)
         return cls(client, namespace)
 
+    @property
+    def client(self) -> redis.Redis:
+        """The Redis client the store uses (to tell which database it is on)."""
+        return self._r
+
     def _key(self, task_id: str, record: str) -> str:
         return f"{self._ns}fleet:exec:{task_id}:{record}"
 
     def try_claim(  # noqa: D102 - see ExecutionStore
-        self, task_id: str, holder: str, ttl_s: float, max_attempts: int
+        self,
+        task_id: str,
+        holder: str,
+        ttl_s: float,
+        max_attempts: int,
+        started: StatusRecord | None = None,
     ) -> ClaimOutcome:
         keys = [self._key(task_id, f) for f in _FIELDS]
-        raw = self._try_claim(keys=keys, args=[holder, _ms(ttl_s), self._ttl_ms, max_attempts])
+        args: list[str | int] = [holder, _ms(ttl_s), self._ttl_ms, max_attempts]
+        if started is not None:
+            keys.append(started.key)
+            args += [started.value, _status_ttl_ms(started)]
+        raw = self._try_claim(keys=keys, args=args)
         seen, attempt, payload, pttl = raw
         match _text(seen):
             case "done":
@@ -242,11 +326,19 @@ class RedisExecutionStore:
     def done(self, task_id: str) -> dict[str, Any] | None:  # noqa: D102
         return _loads(self._r.get(self._key(task_id, "done")))
 
-    def finish(self, task_id: str, holder: str, result: dict[str, Any]) -> None:  # noqa: D102
-        self._finish(
-            keys=[self._key(task_id, "claim"), self._key(task_id, "done")],
-            args=[holder, json.dumps(result), self._ttl_ms],
-        )
+    def finish(  # noqa: D102 - see ExecutionStore
+        self,
+        task_id: str,
+        holder: str,
+        result: dict[str, Any],
+        status: StatusRecord | None = None,
+    ) -> None:
+        keys = [self._key(task_id, "claim"), self._key(task_id, "done")]
+        args: list[str | int] = [holder, json.dumps(result), self._ttl_ms]
+        if status is not None:
+            keys.append(status.key)
+            args += [status.value, _status_ttl_ms(status)]
+        self._finish(keys=keys, args=args)
 
     def counts(self, task_id: str) -> tuple[int, int]:  # noqa: D102
         raw = self._r.mget([self._key(task_id, "deliveries"), self._key(task_id, "attempts")])
@@ -279,6 +371,18 @@ class MemoryExecutionStore:
         self._clock = clock
         self._claims: dict[str, tuple[str, float]] = {}
         self._records: dict[tuple[str, str], Any] = {}
+        self._statuses: dict[str, str] = {}
+
+    def status(self, key: str) -> str | None:
+        """The ``StatusRecord`` value written at ``key`` (what Celery would read), or None."""
+        return self._statuses.get(key)
+
+    def _put_status(self, record: StatusRecord | None) -> None:
+        if record is None:
+            return
+        current = _loads(self._statuses.get(record.key))
+        if current is None or current.get("status") != "SUCCESS":
+            self._statuses[record.key] = record.value
 
     def _live_claim(self, task_id: str) -> tuple[str, float] | None:
         held = self._claims.get(task_id)
@@ -288,7 +392,12 @@ class MemoryExecutionStore:
         return held
 
     def try_claim(  # noqa: D102 - see ExecutionStore
-        self, task_id: str, holder: str, ttl_s: float, max_attempts: int
+        self,
+        task_id: str,
+        holder: str,
+        ttl_s: float,
+        max_attempts: int,
+        started: StatusRecord | None = None,
     ) -> ClaimOutcome:
         self._incr(task_id, "deliveries")
         if (result := self.done(task_id)) is not None:
@@ -300,6 +409,8 @@ class MemoryExecutionStore:
         self._claims[task_id] = (holder, self._clock() + ttl_s)
         attempt = self._incr(task_id, "attempts")
         error = self.last_error(task_id) if attempt > max_attempts else None
+        if attempt <= max_attempts:
+            self._put_status(started)
         return ClaimOutcome("claimed", attempt=attempt, last_error=error)
 
     def refresh(self, task_id: str, holder: str, ttl_s: float) -> bool:  # noqa: D102
@@ -322,9 +433,16 @@ class MemoryExecutionStore:
         value: dict[str, Any] | None = self._records.get((task_id, "done"))
         return None if value is None else json.loads(json.dumps(value))
 
-    def finish(self, task_id: str, holder: str, result: dict[str, Any]) -> None:  # noqa: D102
+    def finish(  # noqa: D102 - see ExecutionStore
+        self,
+        task_id: str,
+        holder: str,
+        result: dict[str, Any],
+        status: StatusRecord | None = None,
+    ) -> None:
         self._records[task_id, "done"] = json.loads(json.dumps(result))  # JSON, like Redis
         self.release(task_id, holder)
+        self._put_status(status)
 
     def _incr(self, task_id: str, record: str) -> int:
         value = int(self._records.get((task_id, record), 0)) + 1
@@ -362,6 +480,11 @@ class MemoryExecutionStore:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+def _status_ttl_ms(record: StatusRecord) -> int:
+    """The record's TTL for the scripts: milliseconds, 0 for none."""
+    return 0 if not record.ttl_s else _ms(record.ttl_s)
 
 
 def _text(raw: Any) -> str:  # noqa: ANN401 - redis-py returns untyped values

@@ -21,7 +21,7 @@ from typing import Any, Self
 
 import redis
 
-from fleet.execution import ExecutionStore
+from fleet.execution import ExecutionStore, StatusRecord
 from fleet.obs.logs import get_logger
 
 __all__ = ["ClaimKeeper", "ClaimRefresher", "process_refresher"]
@@ -146,18 +146,21 @@ class ClaimKeeper:
         if not self._released:
             self.release()
 
-    def finish(self, result: dict[str, Any]) -> None:
+    def finish(self, result: dict[str, Any], status: StatusRecord | None = None) -> bool:
         """Record ``result`` as the task's one result and release the claim (one store step).
 
-        A store error is logged, not raised: the result still goes back to the caller,
-        and at worst a redelivery runs the task again.
+        ``status`` (Celery's SUCCESS record) is written in the same step. Returns whether
+        the step ran. A store error is logged, not raised: the result still goes back to
+        the caller, and at worst a redelivery runs the task again.
         """
         self._refresher.drop(self._task_id, self._holder)
         self._released = True
         try:
-            self.store.finish(self._task_id, self._holder, result)
+            self.store.finish(self._task_id, self._holder, result, status)
         except redis.RedisError as err:
             log.warning("once.finish_failed", error=type(err).__name__)
+            return False
+        return True
 
     def release(self) -> None:
         """Release the claim now (a retry may then claim at once); errors are logged."""

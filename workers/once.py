@@ -27,7 +27,10 @@ sees a FAILURE whose message names the dead-letter queue (``DeadLetteredError``)
 Cost on the hot path: the store's ``try_claim`` does all of ``admit``'s reading and
 writing in one atomic step (one Lua script on Redis), ``decide`` is the pure decision
 table over what it saw, and ``finish`` records the result and releases the claim in one
-more: two round trips per task. Claims are kept alive by one ``ClaimRefresher`` thread
+more: two round trips per task. For ``fleet.run`` (``status=True``) the guard also owns
+Celery's STARTED and SUCCESS records: on a Redis result backend in the store's own
+database they are written inside those two steps (``workers.records``), so Celery's four
+round trips for them disappear. Claims are kept alive by one ``ClaimRefresher`` thread
 per process, started on first use, which refreshes every claim the process holds every
 third of the TTL; ``ClaimKeeper`` only registers and unregisters a claim there.
 
@@ -51,23 +54,34 @@ from typing import Any, NoReturn
 
 import redis
 from celery import Task
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from fleet.dlq import DeadLetter, DeadLetteredError, dead_letter_queue, publish, redact
-from fleet.execution import ClaimOutcome, ExecutionStore, RedisExecutionStore, state_url
+from fleet.execution import (
+    ClaimOutcome,
+    ExecutionStore,
+    RedisExecutionStore,
+    StatusRecord,
+    state_url,
+)
 from fleet.obs.logs import get_logger
 from fleet.settings import Settings
+from workers import records
 from workers.claims import ClaimKeeper, ClaimRefresher
 
 __all__ = [
     "Admission",
     "ClaimKeeper",
     "ClaimRefresher",
+    "Job",
     "OncePolicy",
+    "Outcome",
+    "Requeue",
     "Verdict",
     "admit",
     "backoff_s",
     "decide",
+    "guard",
     "guarded",
 ]
 
@@ -78,6 +92,7 @@ DEFAULT_CLAIM_TTL_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_BACKOFF_S = 30.0
 _CELERY_FLOW = (Retry, Ignore, Reject)
+_HOST = socket.gethostname()
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,20 +183,27 @@ def decide(seen: ClaimOutcome, *, ttl_s: float, max_attempts: int) -> Admission:
 
 
 def admit(
-    store: ExecutionStore, task_id: str, holder: str, *, ttl_s: float, max_attempts: int
+    store: ExecutionStore,
+    task_id: str,
+    holder: str,
+    *,
+    ttl_s: float,
+    max_attempts: int,
+    started: StatusRecord | None = None,
 ) -> Admission:
     """Count this delivery of ``task_id`` and decide what it does, in one atomic store step.
 
     On RUN and DEAD_LETTER ``holder`` holds the claim (TTL ``ttl_s``) and one attempt was
     counted; on every other verdict it holds nothing. Because the step is atomic, a
     result recorded by ``finish`` (which records, then releases) is always seen by a
-    delivery that wins the claim after that release.
+    delivery that wins the claim after that release. ``started`` (Celery's STARTED
+    record) is written in the same step on RUN only.
 
     Raises:
         redis.RedisError: the store is unreachable (nothing was decided).
 
     """
-    seen = store.try_claim(task_id, holder, ttl_s, max_attempts)
+    seen = store.try_claim(task_id, holder, ttl_s, max_attempts, started)
     return decide(seen, ttl_s=ttl_s, max_attempts=max_attempts)
 
 
@@ -204,16 +226,65 @@ def _store() -> ExecutionStore | None:
     return RedisExecutionStore.from_url(url, settings.namespace, settings.tls)
 
 
+@cache
+def _records(backend: object) -> records.Records | None:
+    """How this process writes Celery's records in the store's steps (None: it cannot)."""
+    store = _store()
+    client = store.client if isinstance(store, RedisExecutionStore) else None
+    return records.for_backend(backend, client)
+
+
+class Requeue(Exception):  # noqa: N818 - an instruction, like Celery's Retry
+    """A packed task to publish again on its own (``workers.pack``): where ``fleet.run`` retries.
+
+    ``countdown``: seconds to wait; ``attempt``: the attempts made; ``timed_out``: the
+    packed message's soft time limit ended the attempt (the rest of the pack is requeued too).
+    """
+
+    def __init__(self, countdown: float, attempt: int, *, timed_out: bool = False) -> None:
+        """Requeue after ``countdown`` seconds."""
+        super().__init__(f"requeue in {countdown:g} s after attempt {attempt}")
+        self.countdown, self.attempt, self.timed_out = countdown, attempt, timed_out
+
+
 @dataclass(frozen=True, slots=True)
-class _Job:
+class Outcome:
+    """A completed task's result; ``recorded``: its SUCCESS record was written with it."""
+
+    result: dict[str, Any]
+    recorded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One fleet task under the guard: the running Celery task, its fleet task id and spec.
+
+    ``packed``: one of several specs in one message (``workers.pack``), whose task id is not
+    the Celery message's: "look again later" raises ``Requeue`` instead of Celery's retry,
+    and its records are written under ``task_id`` with no Celery request behind them.
+    """
+
     task: Task[Any, Any]
     task_id: str
     spec: dict[str, Any]
     placement: dict[str, Any] | None
+    packed: bool = False
 
     @property
     def namespace(self) -> str:
+        """The fleet's queue namespace (the dead-letter queue's prefix)."""
         return str(getattr(self.task.app.conf, "fleet_namespace", "") or "")
+
+    @property
+    def request(self) -> Any:  # noqa: ANN401 - Celery's request Context
+        """The Celery request the task's records belong to (None for a packed task)."""
+        return None if self.packed else self.task.request
+
+    def retry(self, countdown: float, attempt: int, *, timed_out: bool = False) -> Exception:
+        """What to raise to run the task again after ``countdown`` seconds."""
+        if self.packed:
+            return Requeue(countdown, attempt, timed_out=timed_out)
+        return self.task.retry(countdown=countdown, max_retries=UNLIMITED_RETRIES)
 
     def dead_letter(
         self, store: ExecutionStore | None, reason: str, error: str, attempts: int
@@ -246,10 +317,14 @@ def guarded(
     execute: Callable[[], dict[str, Any]],
     *,
     refused: tuple[type[Exception], ...] = (),
+    status: bool = False,
 ) -> dict[str, Any]:
     """Run ``execute`` at most once per task id to completion; see the module docstring.
 
     ``refused`` are the exception types that mean "never retry" (dead-lettered at once).
+    ``status``: the task is registered with ``track_started=False`` and the guard writes
+    its STARTED record (and, where ``workers.records`` can, its SUCCESS record: then
+    Celery is told not to) itself.
 
     Raises:
         DeadLetteredError: the task was dead-lettered (now or before).
@@ -257,11 +332,36 @@ def guarded(
             state store unreachable).
 
     """
-    job = _Job(task, str(task.request.id), spec, placement)
+    job = Job(task, str(task.request.id), spec, placement)
+    outcome = guard(job, execute, refused=refused, status=status)
+    if outcome.recorded:
+        records.skip_celery_success(task)
+    return outcome.result
+
+
+def guard(
+    job: Job,
+    execute: Callable[[], dict[str, Any]],
+    *,
+    refused: tuple[type[Exception], ...] = (),
+    status: bool = False,
+) -> Outcome:
+    """``guarded`` for one ``Job``; the outcome says whether SUCCESS was recorded with it.
+
+    Raises:
+        DeadLetteredError: the task was dead-lettered (now or before).
+        celery.exceptions.Retry, Requeue: run it again later (``Job.retry``).
+
+    """
+    task = job.task
     policy, store = _policy(), _store()
     if store is None:
-        return _attempt(job, None, int(task.request.retries or 0) + 1, execute, refused)
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if status:
+            records.write_started(task.backend, job.task_id, task.request.hostname, job.request)
+        first = 1 if job.packed else int(task.request.retries or 0) + 1
+        return Outcome(_attempt(job, None, first, execute, refused))
+    writer = _records(task.backend) if status else None
+    holder = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     try:
         adm = admit(
             store,
@@ -269,16 +369,45 @@ def guarded(
             holder,
             ttl_s=policy.claim_ttl_s,
             max_attempts=policy.max_attempts,
+            started=None
+            if writer is None
+            else writer.started(job.task_id, task.request.hostname, job.request),
         )
     except redis.RedisError as err:
         log.warning("once.store_unavailable", error=type(err).__name__, retry_in_s=policy.backoff_s)
-        raise task.retry(countdown=policy.backoff_s, max_retries=UNLIMITED_RETRIES) from None
+        raise job.retry(policy.backoff_s, 0) from None
+    done = _unless_run(job, store, holder, adm, policy)
+    if done is not None:
+        return Outcome(done)
+    if status and writer is None:
+        records.write_started(task.backend, job.task_id, task.request.hostname, job.request)
+    with ClaimKeeper(store, job.task_id, holder, policy.claim_ttl_s) as keeper:
+        result = _attempt(job, keeper, adm.attempt, execute, refused)
+        if writer is None:
+            keeper.finish(result)
+            return Outcome(result)
+        success = writer.success(job.task_id, result, job.request)
+        return Outcome(result, recorded=keeper.finish(result, success))
+
+
+def _unless_run(
+    job: Job, store: ExecutionStore, holder: str, adm: Admission, policy: OncePolicy
+) -> dict[str, Any] | None:
+    """Carry out a verdict that does not run the body: the recorded result, or a raise.
+
+    Returns None on RUN.
+
+    Raises:
+        DeadLetteredError: dead-lettered now or before.
+        celery.exceptions.Retry: a duplicate, to look again once the claim may be free.
+
+    """
     if adm.verdict is Verdict.COMPLETED and adm.result is not None:
         log.info("task.already_done", detail="returning the recorded result; not run again")
         return adm.result
     if adm.verdict is Verdict.DUPLICATE:
         log.info("task.duplicate", detail="another delivery holds the claim", retry_in_s=adm.wait_s)
-        raise task.retry(countdown=adm.wait_s + 0.25, max_retries=UNLIMITED_RETRIES)
+        raise job.retry(adm.wait_s + 0.25, adm.attempt)
     if adm.verdict is Verdict.ALREADY_DEAD and adm.entry is not None:
         raise DeadLetteredError(
             DeadLetter.from_dict(adm.entry).message(dead_letter_queue(job.namespace))
@@ -293,14 +422,11 @@ def guarded(
                 f"the worker process died while running it, {adm.attempt} time(s)",
                 adm.attempt,
             )
-    with ClaimKeeper(store, job.task_id, holder, policy.claim_ttl_s) as keeper:
-        result = _attempt(job, keeper, adm.attempt, execute, refused)
-        keeper.finish(result)
-        return result
+    return None
 
 
 def _attempt(
-    job: _Job,
+    job: Job,
     keeper: ClaimKeeper | None,
     attempt: int,
     execute: Callable[[], dict[str, Any]],
@@ -325,4 +451,5 @@ def _attempt(
         log.warning("task.retrying", attempt=attempt, error=error, retry_in_s=wait)
         if keeper is not None:
             keeper.release()  # the retry may claim at once
-        raise job.task.retry(countdown=wait, max_retries=UNLIMITED_RETRIES) from None
+        timed_out = isinstance(exc, SoftTimeLimitExceeded)
+        raise job.retry(wait, attempt, timed_out=timed_out) from None

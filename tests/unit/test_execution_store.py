@@ -8,6 +8,7 @@ return value and every record after every step.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from fleet.execution import ClaimOutcome, MemoryExecutionStore, RedisExecutionStore
+from fleet.execution import ClaimOutcome, MemoryExecutionStore, RedisExecutionStore, StatusRecord
 from tests.integration.brokers import redis_url
 from workers.once import Verdict, admit
 
@@ -161,3 +162,49 @@ def test_random_sequences_agree(client, seed):
             case _:
                 steps.append((op, task, holder))
     run_both(client, steps, 60.0)
+
+
+def test_status_records_go_with_the_claim_and_the_result_and_never_over_a_success(client):
+    """STARTED is written when a claim runs, SUCCESS with the result; a success is never replaced.
+
+    Redis also publishes each write on the key's channel (where Celery's result consumers
+    listen) and gives it the record's TTL.
+    """
+    key = f"celery-task-meta-{uuid.uuid4()}"
+
+    def record(status: str) -> StatusRecord:
+        return StatusRecord(key, json.dumps({"status": status, "task_id": "t"}), ttl_s=60)
+
+    real, fake = stores(client)
+    listener = client.pubsub()
+    listener.subscribe(key)
+    seen: dict[str, list[str | None]] = {}
+    for name, store in (("redis", real), ("memory", fake)):
+        now = []
+        store.try_claim("t", "a", TTL, 1, record("STARTED"))
+        now.append(status_of(store, key))
+        store.try_claim("t", "b", TTL, 1, record("STARTED-AGAIN"))  # held: writes nothing
+        now.append(status_of(store, key))
+        store.finish("t", "a", {"ok": 1}, record("SUCCESS"))
+        store.try_claim("t", "c", TTL, 1, record("STARTED-AGAIN"))  # done: writes nothing
+        store.reset("t")
+        store.try_claim("t", "d", TTL, 1, record("STARTED-AGAIN"))  # runs, but after a success
+        now.append(status_of(store, key))
+        store.release("t", "d")
+        store.try_claim("t", "e", TTL, 1, record("PAST-LIMIT"))  # attempt 2 > 1: not run
+        now.append(status_of(store, key))
+        seen[name] = now
+    assert seen["redis"] == seen["memory"] == ["STARTED", "STARTED", "SUCCESS", "SUCCESS"]
+    assert 0 < client.pttl(key) <= 60_000
+    published = []
+    while (message := listener.get_message(timeout=1)) is not None:
+        if message["type"] == "message":
+            published.append(json.loads(message["data"])["status"])
+    listener.close()
+    assert published == ["STARTED", "SUCCESS"]
+
+
+def status_of(store: Any, key: str) -> str | None:
+    """The status in the record at ``key``, from either store."""
+    raw = store.status(key) if isinstance(store, MemoryExecutionStore) else store.client.get(key)
+    return None if raw is None else json.loads(raw)["status"]
