@@ -34,8 +34,8 @@ Shape = tuple[str, str, int]  # pool, accelerator, devices: what decides the que
 class SimTask:
     """A task in the simulation.
 
-    ``cost`` caches the last ``(offer key, service_s, share)`` computed for it, so a task
-    waiting at the head of a queue is not re-estimated on every dispatch.
+    ``cost`` caches the last ``(offer key, service_s, share)`` computed for it while it
+    waits, so a task at the head of a queue is not re-estimated on every dispatch.
     """
 
     idx: int
