@@ -45,7 +45,11 @@ from fleet.signing import SigningFiles, enable_signing
 from fleet.spec import TaskKind
 from fleet.tls import celery_tls_conf
 
-__all__ = ["TASK_NAME", "TIME_LIMITS", "app", "create_app"]
+__all__ = ["PACK_TASK_NAME", "TASK_NAME", "TIME_LIMITS", "app", "create_app"]
+
+# Several small specs in one message, each its own fleet task (``Fleet.submit_many(pack=N)``,
+# run by ``workers.pack``).
+PACK_TASK_NAME = "fleet.run_pack"
 
 # Hard time limit per kind, seconds. The soft limit is a minute earlier.
 TIME_LIMITS: dict[TaskKind, int] = {
@@ -167,7 +171,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         **celery_tls_conf(settings.broker_url, settings.result_backend, settings.tls),
         result_expires=24 * 3600,
         worker_hijack_root_logger=False,
-        include=["workers.tasks", "workers.steps", "workers.apicontrol"],
+        include=["workers.tasks", "workers.pack", "workers.steps", "workers.apicontrol"],
     )
     app.conf.fleet_namespace = settings.namespace
     signing = SigningFiles.from_env()  # FLEET_SIGNING_*: sign and accept only signed messages

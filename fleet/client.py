@@ -3,7 +3,8 @@
 Submission validates the spec, places it (pure, against the catalog and the cached
 queue loads, so no extra broker round trip), and publishes one Celery message for the
 ``fleet.run`` task on the chosen queue. ``submit_many`` publishes a whole batch through
-one producer and, on Redis, one pipeline.
+one producer and, on Redis, one pipeline of prebuilt messages (``fleet.bulk``,
+``fleet.publish``); with ``pack`` it puts several small specs in one message.
 
 Task ids: a spec with an ``idempotency_key`` gets a task id derived from it (UUID5), so a
 resubmission is recognisable and its result is stored under the same id.
@@ -23,7 +24,8 @@ from celery import Celery
 from celery.backends.rpc import RPCBackend
 from celery.result import AsyncResult
 
-from fleet.app import TASK_NAME, TIME_LIMITS, app_models, create_app
+from fleet import bulk
+from fleet.app import app_models, create_app
 from fleet.autoscaler.config import (
     AutoscalerConfig,
     catalog_for_model,
@@ -34,10 +36,11 @@ from fleet.catalog import Catalog, default_catalog
 from fleet.modelfit import served_entry
 from fleet.models.registry import ModelRegistry
 from fleet.obs.logs import get_logger
-from fleet.placement import Placement, Policy, api_summary, place
+from fleet.placement import Placement, Policy, place
+from fleet.publish import outbox_for
 from fleet.queues import all_queue_names
 from fleet.settings import Settings
-from fleet.spec import TaskKind, TaskSpec, check_size, parse_spec
+from fleet.spec import SpecTooLargeError, TaskKind, TaskSpec, check_size, parse_spec
 from fleet.stats import AmqpStats, RedisStats, StatsCache, StatsSource
 from fleet.submiterrors import PUBLISH_ERRORS, as_submit_error
 from fleet.tls import redis_client
@@ -55,28 +58,28 @@ def task_id_for(spec: TaskSpec) -> str:
     return str(uuid.uuid4())
 
 
-def broker_priority(priority: int, *, is_redis: bool) -> int:
-    """Map fleet priority (9 most urgent) to the broker's (Redis: 0 most urgent)."""
-    return 9 - priority if is_redis else priority
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is slow to build, one per task
 class TaskHandle:
     """A submitted task: its id, where it went, and a way to wait for its result."""
 
     id: str
     placement: Placement
-    _result: AsyncResult[Any]
+    _app: Celery
+
+    @property
+    def result(self) -> AsyncResult[Any]:
+        """Celery's result handle for the task (made on demand: a batch of handles stays cheap)."""
+        return AsyncResult(self.id, app=self._app)
 
     def get(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for and return the task's result; raises the task's error if it failed."""
-        value: dict[str, Any] = self._result.get(timeout=timeout, propagate=True)
+        value: dict[str, Any] = self.result.get(timeout=timeout, propagate=True)
         return value
 
     @property
     def state(self) -> str:
         """Celery's state for the task (PENDING, STARTED, SUCCESS, FAILURE, ...)."""
-        return str(self._result.state)
+        return str(self.result.state)
 
 
 class Fleet:
@@ -168,35 +171,11 @@ class Fleet:
         return found
 
     def _options(self, spec: TaskSpec, placement: Placement) -> dict[str, Any]:
-        limit = TIME_LIMITS[spec.kind]
-        return {
-            # A short summary instead of Celery's repr of the whole spec: task inputs can
-            # be large or sensitive and do not belong in events, Flower or logs; it also
-            # spares Celery's saferepr, the costliest step of building a message.
-            "argsrepr": f"(<TaskSpec {spec.kind.value} {spec.model.name} {spec.model.params_b:g}B {spec.model.dtype.value}>,)",
-            "kwargsrepr": f"{{'placement': '{placement.queue}'}}",
-            "queue": placement.queue,
-            "routing_key": placement.queue,
-            "priority": broker_priority(spec.priority, is_redis=self.settings.is_redis),
-            "time_limit": limit,
-            "soft_time_limit": limit - 60,
-        }
+        return bulk.message_options(spec, placement, is_redis=self.settings.is_redis)
 
     @staticmethod
     def _kwargs(placement: Placement) -> dict[str, Any]:
-        return {
-            "placement": {
-                "submitted_at": time.time(),  # queue age in status and metrics, task wait time
-                "accelerator": placement.accelerator,
-                "devices": placement.devices,
-                "queue": placement.queue,
-                "estimated_cost_usd": placement.estimated_cost_usd,
-                "usd_per_hour": placement.offer.usd_per_hour,
-                "offer_devices": placement.offer.accelerator_count,
-                # token-priced API pool: provider, model and $/M tokens (None on a chip)
-                "api": api_summary(placement.api),
-            }
-        }
+        return bulk.placement_kwargs(placement, time.time())
 
     def submit(
         self,
@@ -219,12 +198,14 @@ class Fleet:
         spec = spec if isinstance(spec, TaskSpec) else parse_spec(spec)
         check_size(spec, self.settings.max_task_bytes)
         placement = self.route(spec, policy, pin)
+        task_id = task_id_for(spec)
         try:
             with self.app.producer_or_acquire() as producer:
-                prepared = [(spec, placement, task_id_for(spec))]
-                handle = self._publish(producer, prepared, batch=False)[0]
+                item = bulk.Item(spec, placement, task_id, "")
+                self._publish(producer, [(item,)], batch=False)
         except PUBLISH_ERRORS as exc:
             raise as_submit_error(exc, self.settings.broker_url, [placement.queue], 1) from exc
+        handle = TaskHandle(task_id, placement, self.app)
         if _stdlib_log.isEnabledFor(logging.INFO):  # costs nothing unless logging is configured
             log.info(
                 "task.submitted",
@@ -245,93 +226,105 @@ class Fleet:
         specs: Iterable[TaskSpec | dict[str, Any]],
         *,
         policy: Policy = Policy.COST,
+        pack: int = 1,
     ) -> list[TaskHandle]:
         """Validate and place every spec first, then publish them all on one connection.
 
         All-or-nothing at validation: if any spec is invalid, over the size cap or
-        unplaceable, nothing is sent and the error names the index. On Redis the publishes go through one
-        pipeline per ``BATCH_SIZE`` messages.
+        unplaceable, nothing is sent and the error names the index. On Redis the messages
+        are built from one envelope per placement, each distinct spec object encoded once,
+        and pushed in one pipeline (``fleet.publish``).
+
+        ``pack``: put up to ``pack`` specs of one placement and priority in one
+        ``fleet.run_pack`` message (``workers.pack``), for many short tasks: a message
+        costs a worker the same whatever it carries. Each spec keeps its own task id,
+        handle, STARTED and SUCCESS records, at-most-once guard and dead-lettering; a pack
+        runs its specs one after another in one worker process, and counts as one message
+        in queue depths. Ignored on the ``rpc://`` result backend, whose results are
+        replies to each task's own message.
 
         Raises:
             SpecError, NoPlacementError: with ``[index]`` prefixed to the message.
+            ValueError: ``pack`` is below 1.
             SubmitError: the broker refused or cannot be reached (see ``submit``); some
                 of the batch may have landed.
 
         """
-        prepared: list[tuple[TaskSpec, Placement, str]] = []
+        if pack < 1:
+            raise ValueError(f"pack must be at least 1, not {pack}")
+        items = self._place_all(specs, policy)
+        rpc = isinstance(self.app.backend, RPCBackend)
+        planned = bulk.plan(items, 1 if rpc else pack)
+        amqp = self.app.amqp
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for queue in {i.placement.queue for i in items}:  # declare each queue once
+                    producer.maybe_declare(amqp.queues[queue])
+                outbox = outbox_for(self.app, producer)
+                if outbox is not None:
+                    bulk.publish_fast(outbox, planned, is_redis=self.settings.is_redis)
+                else:
+                    with producer.batch(BATCH_SIZE):
+                        self._publish(producer, planned, batch=True)
+        except PUBLISH_ERRORS as exc:
+            queues = [i.placement.queue for i in items]
+            raise as_submit_error(exc, self.settings.broker_url, queues, len(items)) from exc
+        return [TaskHandle(i.task_id, i.placement, self.app) for i in items]
+
+    def _place_all(
+        self, specs: Iterable[TaskSpec | dict[str, Any]], policy: Policy
+    ) -> list[bulk.Item]:
+        """Validate, size-check and place every spec (each distinct spec object once).
+
+        Raises:
+            SpecError, NoPlacementError: with ``[index]`` prefixed to the message.
+
+        """
+        items: list[bulk.Item] = []
         loads = self._stats.loads()  # one snapshot for the whole batch
         decided: dict[tuple[Any, ...], Placement] = {}
+        seen: dict[int, tuple[TaskSpec, Placement, str]] = {}  # id(spec): placed once
+        limit = self.settings.max_task_bytes
         for i, raw in enumerate(specs):
             try:
                 spec = raw if isinstance(raw, TaskSpec) else parse_spec(raw)
-                check_size(spec, self.settings.max_task_bytes)
-                key = (spec.kind, spec.model, spec.tokens_in, spec.tokens_out, spec.requirements,
-                       spec.training_method, spec.slo, spec.budget)  # fmt: skip
-                placement = decided.get(key) or place(
-                    spec, self._catalog_for(spec), loads, policy, None, self.settings.namespace,
-                    models=self.models,
-                )  # fmt: skip
-                decided[key] = placement
+                known = seen.get(id(spec))
+                if known is None or known[0] is not spec:
+                    text = TaskSpec.__pydantic_serializer__.to_json(spec).decode()
+                    if len(text) > limit:
+                        raise SpecTooLargeError(len(text), limit)
+                    key = (spec.kind, spec.model, spec.tokens_in, spec.tokens_out, spec.requirements,
+                           spec.training_method, spec.slo, spec.budget)  # fmt: skip
+                    placement = decided.get(key) or place(
+                        spec, self._catalog_for(spec), loads, policy, None, self.settings.namespace,
+                        models=self.models,
+                    )  # fmt: skip
+                    decided[key] = placement
+                    known = seen[id(spec)] = (spec, placement, text)
             except ValueError as exc:
                 # Keep the type (SpecError, NoPlacementError); name the index.
                 exc.args = (f"[{i}] {exc}",)
                 raise
-            prepared.append((spec, placement, task_id_for(spec)))
-        amqp = self.app.amqp
-        try:
-            with self.app.producer_or_acquire() as producer:
-                for queue in {p.queue for _, p, _ in prepared}:  # declare each queue once
-                    producer.maybe_declare(amqp.queues[queue])
-                with producer.batch(BATCH_SIZE):
-                    return self._publish(producer, prepared, batch=True)
-        except PUBLISH_ERRORS as exc:
-            queues = [p.queue for _, p, _ in prepared]
-            raise as_submit_error(exc, self.settings.broker_url, queues, len(prepared)) from exc
+            items.append(bulk.Item(spec, known[1], task_id_for(spec), known[2]))
+        return items
 
     def _publish(
         self,
         producer: Any,  # noqa: ANN401 - kombu's Producer is untyped
-        prepared: list[tuple[TaskSpec, Placement, str]],
+        planned: list[bulk.Message],
         *,
         batch: bool,
-    ) -> list[TaskHandle]:
-        """Publish prepared tasks through ``producer``.
-
-        Celery's own message builder and publisher (the two halves of ``send_task``)
-        without its result subscription at send time: that is a round trip per task,
-        and with an unreachable result store it fails with a RuntimeError instead of the
-        broker's error; a handle subscribes when ``.get()`` waits. In a batch, queues
-        are declared once beforehand and a failure raises for the whole batch (delivery
-        uncertain) instead of retrying message by message.
+    ) -> None:
+        """Publish ``planned`` through Celery's message builder (``bulk.publish_celery``).
 
         Raises:
             kombu.exceptions.OperationalError: the broker cannot be reached.
 
         """
-        amqp = self.app.amqp
-        handles: list[TaskHandle] = []
-        extra: dict[str, Any] = {"declare": [], "retry": False} if batch else {}
-        # The rpc:// backend (RabbitMQ) replies to a queue of this client's that must
-        # exist before the worker answers; declaring it is cached, so it costs once.
         rpc = isinstance(self.app.backend, RPCBackend)
-        for spec, placement, task_id in prepared:
-            if rpc:
-                self.app.backend.on_task_call(producer, task_id)
-            options = self._options(spec, placement)
-            message = amqp.create_task_message(
-                task_id,
-                TASK_NAME,
-                (spec.model_dump(mode="json"),),
-                self._kwargs(placement),
-                time_limit=options.pop("time_limit"),
-                soft_time_limit=options.pop("soft_time_limit"),
-                argsrepr=options.pop("argsrepr"),
-                kwargsrepr=options.pop("kwargsrepr"),
-                reply_to=self.app.thread_oid,
-            )
-            amqp.send_task_message(producer, TASK_NAME, message, **extra, **options)
-            handles.append(TaskHandle(task_id, placement, AsyncResult(task_id, app=self.app)))
-        return handles
+        bulk.publish_celery(
+            self.app, producer, planned, is_redis=self.settings.is_redis, batch=batch, rpc=rpc
+        )
 
     def message_options(self, spec: TaskSpec, placement: Placement) -> dict[str, Any]:
         """What ``submit`` publishes with, for workflow canvases.

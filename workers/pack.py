@@ -1,0 +1,170 @@
+"""``fleet.run_pack``: several small specs in one message, each still its own fleet task.
+
+A message costs a worker the same whatever it carries: the fetch, Celery's unacked
+bookkeeping and ack, a request and its trace. For tasks of a few milliseconds that is most
+of the time, so ``Fleet.submit_many(specs, pack=N)`` may put up to ``N`` specs of one
+placement in one message (body ``[[specs], {"placement": ..., "ids": [...]}, ...]``), and
+this task runs them one after another in one pool process. Each spec keeps everything a
+``fleet.run`` task has, under its own task id: the at-most-once guard (claim, attempts,
+dead-lettering, a redelivered pack returning recorded results instead of running them
+again), its STARTED and SUCCESS records (the ``TaskHandle`` of that id sees them), its log
+lines and metrics.
+
+Where ``fleet.run`` would raise Celery's ``Retry`` (a failed attempt with attempts left, a
+duplicate delivery, the state store unreachable), a packed spec is published again on its
+own, as a ``fleet.run`` message with the same task id, queue, priority and time limits and
+the same countdown; after the pack's soft time limit the specs not yet run are published
+that way at once. A dead-lettered spec gets its FAILURE record (``DeadLetteredError``). The
+pack's own message is acked only when every spec has completed, failed or been published
+again; if publishing again fails, or anything unexpected fails, the whole pack is rejected
+back to its queue, and its redelivery skips what completed.
+
+Packs are for short tasks: they share one pool process and one set of time limits (the
+kind's), and a queue depth counts a pack as one message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import Task, states
+from celery.exceptions import Reject
+
+from fleet.app import PACK_TASK_NAME, TASK_NAME, app
+from fleet.dlq import DeadLetteredError
+from fleet.obs.logs import get_logger
+from workers import once
+from workers.intake import GUARDED_STRATEGY
+from workers.tasks import TaskRefusedError, execute
+
+__all__ = ["run_pack"]
+
+log = get_logger("fleet.task")
+
+
+class PackError(Exception):
+    """A pack message of the wrong shape (as many ids as specs, each a string)."""
+
+
+@app.task(
+    name=PACK_TASK_NAME,
+    bind=True,
+    resultrepr_maxsize=0,
+    Strategy=GUARDED_STRATEGY,
+    track_started=False,
+)
+def run_pack(
+    self: Task[Any, Any],
+    specs: list[dict[str, Any]],
+    placement: dict[str, Any] | None = None,
+    ids: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run each of ``specs`` as the fleet task ``ids[i]``; see the module docstring.
+
+    Returns counts: ``tasks``, ``completed``, ``dead_lettered``, ``requeued``.
+
+    Raises:
+        PackError: ``ids`` do not match ``specs`` (nothing is run).
+        celery.exceptions.Reject: requeue the whole pack (publishing a spec again failed,
+            or an unexpected error).
+
+    """
+    ids = list(ids or [])
+    if len(ids) != len(specs) or not all(isinstance(i, str) and i for i in ids):
+        raise PackError(f"a pack needs one task id per spec ({len(ids)} ids, {len(specs)} specs)")
+    completed = dead = 0
+    again: list[tuple[int, float, int]] = []  # (index, countdown, attempts made)
+    try:
+        for i, (task_id, spec) in enumerate(zip(ids, specs, strict=True)):
+            structlog.contextvars.bind_contextvars(task_id=task_id)
+            outcome = _run_one(self, task_id, spec, placement)
+            if isinstance(outcome, once.Requeue):
+                again.append((i, outcome.countdown, outcome.attempt))
+                if outcome.timed_out:
+                    again += [(j, 0.0, 0) for j in range(i + 1, len(ids))]
+                    break
+            elif outcome:
+                completed += 1
+            else:
+                dead += 1
+        _publish_again(self, specs, ids, placement, again)
+    except Reject:
+        raise
+    except Exception as exc:
+        log.exception("pack.requeued", error=type(exc).__name__, tasks=len(ids))
+        raise Reject(exc, requeue=True) from exc
+    finally:
+        structlog.contextvars.bind_contextvars(task_id=self.request.id)
+    return {
+        "tasks": len(ids),
+        "completed": completed,
+        "dead_lettered": dead,
+        "requeued": len(again),
+    }
+
+
+def _run_one(
+    task: Task[Any, Any], task_id: str, spec: dict[str, Any], placement: dict[str, Any] | None
+) -> bool | once.Requeue:
+    """One packed spec under the guard: True completed, False dead-lettered, or a ``Requeue``."""
+    job = once.Job(task, task_id, spec, placement, packed=True)
+    try:
+        outcome = once.guard(
+            job,
+            lambda: execute(task, spec, placement, task_id),
+            refused=(TaskRefusedError,),
+            status=True,
+        )
+    except once.Requeue as later:
+        return later
+    except DeadLetteredError as exc:
+        task.backend.mark_as_failure(task_id, exc)
+        return False
+    if not outcome.recorded:
+        task.backend.store_result(task_id, outcome.result, states.SUCCESS)
+    return True
+
+
+def _publish_again(
+    task: Task[Any, Any],
+    specs: list[dict[str, Any]],
+    ids: list[str],
+    placement: dict[str, Any] | None,
+    again: list[tuple[int, float, int]],
+) -> None:
+    """Publish each requeued spec as its own ``fleet.run`` message (same id, queue, priority).
+
+    Raises:
+        celery.exceptions.Reject: a publish failed; the whole pack goes back to its queue.
+
+    """
+    if not again:
+        return
+    request = task.request
+    delivery = request.delivery_info or {}
+    queue = delivery.get("routing_key")
+    hard, soft = [*(request.timelimit or ()), None, None][:2]
+    try:
+        for i, countdown, attempts in again:
+            spec = specs[i]
+            model = spec.get("model")
+            name = model.get("name") if isinstance(model, dict) else None
+            task.app.send_task(
+                TASK_NAME,
+                args=(spec,),
+                kwargs={"placement": placement},
+                task_id=ids[i],
+                countdown=countdown or None,
+                queue=queue,
+                routing_key=queue,
+                priority=delivery.get("priority"),
+                retries=attempts,
+                time_limit=hard,
+                soft_time_limit=soft,
+                argsrepr=f"(<TaskSpec {spec.get('kind')} {name}>,)",
+                kwargsrepr=f"{{'placement': '{queue}'}}",
+            )
+            log.info("pack.requeued_task", requeued=ids[i], retry_in_s=countdown)
+    except Exception as exc:
+        raise Reject(exc, requeue=True) from exc
