@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import redis
 
+from fleet.execution_scripts import FINISH, REFRESH, RELEASE, TRY_CLAIM
 from fleet.settings import is_redis_url
 from fleet.tls import TlsFiles, redis_client
 
@@ -135,6 +136,15 @@ class ExecutionStore(Protocol):
         ``started`` (``StatusRecord``) when given.
         """
 
+    def try_claim_many(
+        self,
+        claims: Sequence[tuple[str, StatusRecord | None]],
+        holder: str,
+        ttl_s: float,
+        max_attempts: int,
+    ) -> list[ClaimOutcome]:
+        """``try_claim`` for each ``(task_id, started)`` in order, all in one atomic step."""
+
     def refresh(self, task_id: str, holder: str, ttl_s: float) -> bool:
         """Extend ``holder``'s claim to ``ttl_s`` from now; False when it is not theirs any more."""
 
@@ -175,86 +185,6 @@ class ExecutionStore(Protocol):
         """Forget everything about ``task_id`` (a requeue from the dead-letter queue)."""
 
 
-# Writes a StatusRecord (key, value, TTL in ms or 0) unless it says SUCCESS already, and
-# publishes it, as Celery's RedisBackend.set does (SET PX + PUBLISH on the key's channel).
-_PUT_STATUS = """
-local function put_status(key, value, ttl)
-  local current = redis.call('get', key)
-  if current then
-    local ok, meta = pcall(cjson.decode, current)
-    if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then
-      return
-    end
-  end
-  if tonumber(ttl) > 0 then
-    redis.call('set', key, value, 'px', ttl)
-  else
-    redis.call('set', key, value)
-  end
-  redis.call('publish', key, value)
-end
-"""
-# KEYS: the records in _FIELDS order: claim, done, deliveries, attempts, error, dead;
-# then, optionally, the StatusRecord's key.
-# ARGV: holder, claim TTL (ms), record TTL (ms), max attempts[, status value, status TTL (ms)].
-# Returns {seen, attempt, payload, claim pttl}; a false element comes back as None.
-_TRY_CLAIM = (
-    _PUT_STATUS
-    + """
-redis.call('incr', KEYS[3])
-redis.call('pexpire', KEYS[3], ARGV[3])
-local done = redis.call('get', KEYS[2])
-if done then
-  return {'done', 0, done, false}
-end
-if not redis.call('set', KEYS[1], ARGV[1], 'nx', 'px', ARGV[2]) then
-  return {'held', 0, false, redis.call('pttl', KEYS[1])}
-end
-local dead = redis.call('get', KEYS[6])
-if dead then
-  redis.call('del', KEYS[1])
-  return {'dead', 0, dead, false}
-end
-local attempt = redis.call('incr', KEYS[4])
-redis.call('pexpire', KEYS[4], ARGV[3])
-local err = false
-if attempt > tonumber(ARGV[4]) then
-  err = redis.call('get', KEYS[5])
-elseif KEYS[7] then
-  put_status(KEYS[7], ARGV[5], ARGV[6])
-end
-return {'claimed', attempt, err, false}
-"""
-)
-_REFRESH = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
-# KEYS: claim, done[, the StatusRecord's key]. ARGV: holder, result, record TTL (ms)[,
-# status value, status TTL (ms)].
-_FINISH = (
-    _PUT_STATUS
-    + """
-redis.call('set', KEYS[2], ARGV[2], 'px', ARGV[3])
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  redis.call('del', KEYS[1])
-end
-if KEYS[3] then
-  put_status(KEYS[3], ARGV[4], ARGV[5])
-end
-return 1
-"""
-)
-
-
 class RedisExecutionStore:
     """The state store on Redis; keys are ``{namespace}fleet:exec:{task_id}:{record}``."""
 
@@ -265,10 +195,10 @@ class RedisExecutionStore:
         self._r = client
         self._ns = namespace
         self._ttl_ms = int(record_ttl_s * 1000)
-        self._try_claim = client.register_script(_TRY_CLAIM)
-        self._refresh = client.register_script(_REFRESH)
-        self._release = client.register_script(_RELEASE)
-        self._finish = client.register_script(_FINISH)
+        self._try_claim = client.register_script(TRY_CLAIM)
+        self._refresh = client.register_script(REFRESH)
+        self._release = client.register_script(RELEASE)
+        self._finish = client.register_script(FINISH)
 
     @classmethod
     def from_url(
@@ -294,24 +224,26 @@ class RedisExecutionStore:
         max_attempts: int,
         started: StatusRecord | None = None,
     ) -> ClaimOutcome:
-        keys = [self._key(task_id, f) for f in _FIELDS]
+        return self.try_claim_many([(task_id, started)], holder, ttl_s, max_attempts)[0]
+
+    def try_claim_many(  # noqa: D102 - see ExecutionStore
+        self,
+        claims: Sequence[tuple[str, StatusRecord | None]],
+        holder: str,
+        ttl_s: float,
+        max_attempts: int,
+    ) -> list[ClaimOutcome]:
+        keys: list[str] = []
         args: list[str | int] = [holder, _ms(ttl_s), self._ttl_ms, max_attempts]
-        if started is not None:
-            keys.append(started.key)
-            args += [started.value, _status_ttl_ms(started)]
-        raw = self._try_claim(keys=keys, args=args)
-        seen, attempt, payload, pttl = raw
-        match _text(seen):
-            case "done":
-                return ClaimOutcome("done", result=_loads(payload))
-            case "held":
-                left = None if pttl is None or int(pttl) < 0 else int(pttl) / 1000
-                return ClaimOutcome("held", claim_left_s=left)
-            case "dead":
-                return ClaimOutcome("dead", entry=_loads(payload))
-            case _:
-                error = None if payload is None else _text(payload)
-                return ClaimOutcome("claimed", attempt=int(attempt), last_error=error)
+        for task_id, started in claims:
+            keys += [self._key(task_id, f) for f in _FIELDS]
+            if started is None:
+                keys.append(keys[-len(_FIELDS)])  # a placeholder: nothing is written there
+                args += ["", 0]
+            else:
+                keys.append(started.key)
+                args += [started.value, _status_ttl_ms(started)]
+        return [_outcome(raw) for raw in self._try_claim(keys=keys, args=args)]
 
     def refresh(self, task_id: str, holder: str, ttl_s: float) -> bool:  # noqa: D102 - see ExecutionStore
         return bool(self._refresh(keys=[self._key(task_id, "claim")], args=[holder, _ms(ttl_s)]))
@@ -413,6 +345,15 @@ class MemoryExecutionStore:
             self._put_status(started)
         return ClaimOutcome("claimed", attempt=attempt, last_error=error)
 
+    def try_claim_many(  # noqa: D102 - see ExecutionStore
+        self,
+        claims: Sequence[tuple[str, StatusRecord | None]],
+        holder: str,
+        ttl_s: float,
+        max_attempts: int,
+    ) -> list[ClaimOutcome]:
+        return [self.try_claim(t, holder, ttl_s, max_attempts, s) for t, s in claims]
+
     def refresh(self, task_id: str, holder: str, ttl_s: float) -> bool:  # noqa: D102
         held = self._live_claim(task_id)
         if held is None or held[0] != holder:
@@ -476,6 +417,22 @@ class MemoryExecutionStore:
         self._claims.pop(task_id, None)
         for f in _FIELDS:
             self._records.pop((task_id, f), None)
+
+
+def _outcome(raw: Any) -> ClaimOutcome:  # noqa: ANN401 - redis-py returns untyped values
+    """One task's reply of the admission script."""
+    seen, attempt, payload, pttl = raw
+    match _text(seen):
+        case "done":
+            return ClaimOutcome("done", result=_loads(payload))
+        case "held":
+            left = None if pttl is None or int(pttl) < 0 else int(pttl) / 1000
+            return ClaimOutcome("held", claim_left_s=left)
+        case "dead":
+            return ClaimOutcome("dead", entry=_loads(payload))
+        case _:
+            error = None if payload is None else _text(payload)
+            return ClaimOutcome("claimed", attempt=int(attempt), last_error=error)
 
 
 def _ms(seconds: float) -> int:

@@ -46,7 +46,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -67,10 +67,11 @@ from fleet.execution import (
 from fleet.obs.logs import get_logger
 from fleet.settings import Settings
 from workers import records
-from workers.claims import ClaimKeeper, ClaimRefresher
+from workers.claims import ClaimKeeper, ClaimRefresher, process_refresher
 
 __all__ = [
     "Admission",
+    "Admitted",
     "ClaimKeeper",
     "ClaimRefresher",
     "Job",
@@ -78,7 +79,9 @@ __all__ = [
     "Outcome",
     "Requeue",
     "Verdict",
+    "abandon",
     "admit",
+    "admit_jobs",
     "backoff_s",
     "decide",
     "guard",
@@ -339,14 +342,68 @@ def guarded(
     return outcome.result
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A job admitted ahead of its guard (``admit_jobs``): the verdict and the claim's holder."""
+
+    admission: Admission
+    holder: str
+
+
+def _holder() -> str:
+    return f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def admit_jobs(jobs: Sequence[Job], *, status: bool = False) -> list[Admitted] | None:
+    """Admit several jobs (a pack) in one store step; the claims of those to run are kept alive.
+
+    Each job then goes through ``guard(job, ..., admitted=...)``; a job that never gets
+    there must be ``abandon``-ed. ``status`` as for ``guarded`` (STARTED written with each
+    claim). Returns None without a store or when it failed: each guard then admits its own.
+    """
+    policy, store = _policy(), _store()
+    if store is None or not jobs:
+        return None
+    writer = _records(jobs[0].task.backend) if status else None
+    holder = _holder()
+    claims = [
+        (j.task_id, None if writer is None else writer.started(j.task_id, j.task.request.hostname))
+        for j in jobs
+    ]
+    try:
+        seen = store.try_claim_many(claims, holder, policy.claim_ttl_s, policy.max_attempts)
+    except redis.RedisError as err:
+        log.warning("once.store_unavailable", error=type(err).__name__, jobs=len(jobs))
+        return None
+    refresher = process_refresher(policy.claim_ttl_s)
+    out = []
+    for job, outcome in zip(jobs, seen, strict=True):
+        adm = decide(outcome, ttl_s=policy.claim_ttl_s, max_attempts=policy.max_attempts)
+        if adm.verdict in (Verdict.RUN, Verdict.DEAD_LETTER):
+            refresher.hold(store, job.task_id, holder, policy.claim_ttl_s)
+        out.append(Admitted(adm, holder))
+    return out
+
+
+def abandon(job: Job, admitted: Admitted) -> None:
+    """Give back the claim ``admit_jobs`` took for a job that will not be guarded now."""
+    store = _store()
+    if store is not None and admitted.admission.verdict in (Verdict.RUN, Verdict.DEAD_LETTER):
+        ClaimKeeper(store, job.task_id, admitted.holder, _policy().claim_ttl_s).release()
+
+
 def guard(
     job: Job,
     execute: Callable[[], dict[str, Any]],
     *,
     refused: tuple[type[Exception], ...] = (),
     status: bool = False,
+    admitted: Admitted | None = None,
 ) -> Outcome:
     """``guarded`` for one ``Job``; the outcome says whether SUCCESS was recorded with it.
+
+    ``admitted``: the job was admitted already (``admit_jobs``), so the guard takes that
+    verdict and claim instead of a store step of its own.
 
     Raises:
         DeadLetteredError: the task was dead-lettered (now or before).
@@ -361,21 +418,26 @@ def guard(
         first = 1 if job.packed else int(task.request.retries or 0) + 1
         return Outcome(_attempt(job, None, first, execute, refused))
     writer = _records(task.backend) if status else None
-    holder = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    try:
-        adm = admit(
-            store,
-            job.task_id,
-            holder,
-            ttl_s=policy.claim_ttl_s,
-            max_attempts=policy.max_attempts,
-            started=None
-            if writer is None
-            else writer.started(job.task_id, task.request.hostname, job.request),
-        )
-    except redis.RedisError as err:
-        log.warning("once.store_unavailable", error=type(err).__name__, retry_in_s=policy.backoff_s)
-        raise job.retry(policy.backoff_s, 0) from None
+    if admitted is not None:
+        adm, holder = admitted.admission, admitted.holder
+    else:
+        holder = _holder()
+        try:
+            adm = admit(
+                store,
+                job.task_id,
+                holder,
+                ttl_s=policy.claim_ttl_s,
+                max_attempts=policy.max_attempts,
+                started=None
+                if writer is None
+                else writer.started(job.task_id, task.request.hostname, job.request),
+            )
+        except redis.RedisError as err:
+            log.warning(
+                "once.store_unavailable", error=type(err).__name__, retry_in_s=policy.backoff_s
+            )
+            raise job.retry(policy.backoff_s, 0) from None
     done = _unless_run(job, store, holder, adm, policy)
     if done is not None:
         return Outcome(done)

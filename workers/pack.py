@@ -73,16 +73,22 @@ def run_pack(
     ids = list(ids or [])
     if len(ids) != len(specs) or not all(isinstance(i, str) and i for i in ids):
         raise PackError(f"a pack needs one task id per spec ({len(ids)} ids, {len(specs)} specs)")
+    jobs = [
+        once.Job(self, i, spec, placement, packed=True) for i, spec in zip(ids, specs, strict=True)
+    ]
+    admitted = once.admit_jobs(jobs, status=True)  # one store step for the whole pack
     completed = dead = 0
     again: list[tuple[int, float, int]] = []  # (index, countdown, attempts made)
+    current = 0  # the job being run; from it on, claims not finished are given back on errors
     try:
-        for i, (task_id, spec) in enumerate(zip(ids, specs, strict=True)):
-            structlog.contextvars.bind_contextvars(task_id=task_id)
-            outcome = _run_one(self, task_id, spec, placement)
+        for current, job in enumerate(jobs):
+            structlog.contextvars.bind_contextvars(task_id=job.task_id)
+            outcome = _run_one(job, None if admitted is None else admitted[current])
             if isinstance(outcome, once.Requeue):
-                again.append((i, outcome.countdown, outcome.attempt))
+                again.append((current, outcome.countdown, outcome.attempt))
                 if outcome.timed_out:
-                    again += [(j, 0.0, 0) for j in range(i + 1, len(ids))]
+                    again += [(j, 0.0, 0) for j in range(current + 1, len(ids))]
+                    _give_back(jobs, admitted, current + 1)
                     break
             elif outcome:
                 completed += 1
@@ -90,8 +96,10 @@ def run_pack(
                 dead += 1
         _publish_again(self, specs, ids, placement, again)
     except Reject:
+        _give_back(jobs, admitted, current)
         raise
     except Exception as exc:
+        _give_back(jobs, admitted, current)
         log.exception("pack.requeued", error=type(exc).__name__, tasks=len(ids))
         raise Reject(exc, requeue=True) from exc
     finally:
@@ -104,17 +112,23 @@ def run_pack(
     }
 
 
-def _run_one(
-    task: Task[Any, Any], task_id: str, spec: dict[str, Any], placement: dict[str, Any] | None
-) -> bool | once.Requeue:
+def _give_back(jobs: list[once.Job], admitted: list[once.Admitted] | None, start: int) -> None:
+    """Release the claims ``admit_jobs`` took for ``jobs[start:]`` (a no-op for finished ones)."""
+    if admitted is not None:
+        for job, adm in zip(jobs[start:], admitted[start:], strict=True):
+            once.abandon(job, adm)
+
+
+def _run_one(job: once.Job, admitted: once.Admitted | None) -> bool | once.Requeue:
     """One packed spec under the guard: True completed, False dead-lettered, or a ``Requeue``."""
-    job = once.Job(task, task_id, spec, placement, packed=True)
+    task, task_id = job.task, job.task_id
     try:
         outcome = once.guard(
             job,
-            lambda: execute(task, spec, placement, task_id),
+            lambda: execute(task, job.spec, job.placement, task_id),
             refused=(TaskRefusedError,),
             status=True,
+            admitted=admitted,
         )
     except once.Requeue as later:
         return later

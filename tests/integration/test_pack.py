@@ -79,7 +79,8 @@ def test_each_spec_of_a_pack_is_its_own_task(stack: Stack) -> None:
     handles = stack.fleet.submit_many(specs, pack=8)
     queue = handles[0].placement.queue
     assert sum(int(stack.redis.llen(k)) for k in stack.redis.scan_iter(f"{queue}*")) == 1
-    worker = spawn_worker(stack.env, "cpu", stack.logs)
+    patient = {**stack.env, "FLEET_MAX_ATTEMPTS": "6"}  # time to fix the cause between attempts
+    worker = spawn_worker(patient, "cpu", stack.logs)
     try:
         wait_ready(stack.fleet.app, [worker])
         failing = handles[6]

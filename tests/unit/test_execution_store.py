@@ -208,3 +208,27 @@ def status_of(store: Any, key: str) -> str | None:
     """The status in the record at ``key``, from either store."""
     raw = store.status(key) if isinstance(store, MemoryExecutionStore) else store.client.get(key)
     return None if raw is None else json.loads(raw)["status"]
+
+
+def test_admitting_many_in_one_step_is_admitting_each_in_turn(client):
+    """try_claim_many over fresh, done, held, dead and past-the-limit tasks: try_claim's outcome for each."""
+    real, fake = stores(client)
+    for store in (real, fake):
+        store.try_claim("done", "x", 60, 3)
+        store.finish("done", "x", {"ok": 1})
+        store.try_claim("held", "other", 60, 3)
+        store.try_claim("dead", "x", 60, 3)
+        store.mark_dead("dead", {"task_id": "dead"})
+        store.release("dead", "x")
+        store.try_claim("spent", "x", 60, 1)
+        store.record_error("spent", "E: boom")
+        store.release("spent", "x")
+    claims = [(t, None) for t in ("fresh", "done", "held", "dead", "spent", "fresh")]
+    got = real.try_claim_many(claims, "me", 60, 1)
+    expected = fake.try_claim_many(claims, "me", 60, 1)
+    assert [o.seen for o in got] == ["claimed", "done", "held", "dead", "claimed", "held"]
+    for a, b in zip(got, expected, strict=True):
+        same_outcome(a, b, 60)
+    assert got[4].last_error == "E: boom"  # attempt 2 > 1: past the limit, the error read back
+    for task_id in ("fresh", "done", "held", "dead", "spent"):
+        same_records(real, fake, task_id)
