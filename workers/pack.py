@@ -8,7 +8,9 @@ this task runs them one after another in one pool process. Each spec keeps every
 ``fleet.run`` task has, under its own task id: the at-most-once guard (claim, attempts,
 dead-lettering, a redelivered pack returning recorded results instead of running them
 again), its STARTED and SUCCESS records (the ``TaskHandle`` of that id sees them), its log
-lines and metrics.
+lines and metrics. The whole pack is admitted in one store step (every spec's claim, and
+its STARTED record, from the start of the pack); each spec's finish step is sent the
+moment it completes, and the replies are read once the pack has run.
 
 Where ``fleet.run`` would raise Celery's ``Retry`` (a failed attempt with attempts left, a
 duplicate delivery, the state store unreachable), a packed spec is published again on its
@@ -34,7 +36,8 @@ from celery.exceptions import Reject
 from fleet.app import PACK_TASK_NAME, TASK_NAME, app
 from fleet.dlq import DeadLetteredError
 from fleet.obs.logs import get_logger
-from workers import once
+from workers import identity, once
+from workers import metrics as worker_metrics
 from workers.intake import GUARDED_STRATEGY
 from workers.tasks import TaskRefusedError, execute
 
@@ -166,6 +169,7 @@ def _run_one(job: once.Job, admitted: once.Admitted | None) -> once.Outcome | on
         return later
     except DeadLetteredError as exc:
         task.backend.mark_as_failure(task_id, exc)
+        worker_metrics.record_task(identity.current().accelerator, "unknown", "failure", None, None)
         return None
 
 
