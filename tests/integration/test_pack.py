@@ -20,7 +20,7 @@ from fleet.dlq import DeadLetteredError
 from fleet.execution import RedisExecutionStore
 from fleet.localworkers import spawn_worker, stop_workers, wait_ready
 from fleet.settings import Settings
-from tests.integration.brokers import redis_url
+from tests.integration.brokers import rabbitmq_namespace, redis_url
 from tests.integration.faultkit import FAST, batch_spec, log_events, wait_for, worker_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -129,3 +129,34 @@ def test_a_pack_whose_process_dies_runs_each_finished_spec_once(stack: Stack) ->
     for i in (0, 1, 3, 4):
         assert stack.journal(handles[i].id).count("started") == 1, i
     assert stack.store.counts(handles[2].id)[1] == 2  # crashed once, then ran
+
+
+def test_packs_on_rabbitmq_with_a_redis_result_backend(tmp_path: Path) -> None:
+    """RabbitMQ publishes a pack through Celery's producer (publisher confirms); each task completes.
+
+    Packs need results stored per task id: here a Redis result backend and state store.
+    """
+    with rabbitmq_namespace() as (amqp_url, namespace), redis_url() as url:
+        env = {
+            **FAST,
+            "FLEET_BROKER_URL": amqp_url,
+            "FLEET_RESULT_BACKEND": url,
+            "FLEET_STATE_URL": url,
+            "FLEET_NAMESPACE": namespace,
+            "FLEET_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        }
+        settings = Settings.from_env(env)
+        with Fleet(settings, app=create_app(settings), stats_interval_s=0.2) as fleet:
+            specs = [journal_spec(f"amqp-{i}") for i in range(5)]
+            handles = fleet.submit_many(specs, pack=4)
+            worker = spawn_worker(env, "cpu", tmp_path)
+            try:
+                wait_ready(fleet.app, [worker])
+                results = [h.get(timeout=60) for h in handles]
+            finally:
+                stop_workers([worker])
+    assert [r["task_id"] for r in results] == [h.id for h in handles]
+    assert len(worker_events(worker.log_path, "pack.requeued")) == 0
+    text = worker.log_path.read_text()
+    assert text.count("fleet.run_pack[") == 2  # one pack of 4, received and succeeded
+    assert text.count("fleet.run[") == 2  # the fifth task, on its own
