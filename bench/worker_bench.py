@@ -159,7 +159,9 @@ def drain(side: Side, client: redis.Redis, tasks: int) -> float:
     seconds = time.perf_counter() - t0
     if stored != tasks:
         states = [client.get(f"celery-task-meta-{t}") for t in ids]
-        odd = [(t, s) for t, s in zip(ids, states, strict=True) if s is None or b'"SUCCESS"' not in s]
+        odd = [
+            (t, s) for t, s in zip(ids, states, strict=True) if s is None or b'"SUCCESS"' not in s
+        ]
         raise RuntimeError(f"{side.name}: {stored} of {tasks} results stored; not: {odd[:3]}")
     return seconds
 
