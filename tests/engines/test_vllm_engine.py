@@ -419,6 +419,7 @@ sup = ServerSupervisor(["sleep", "600"], {"PATH": "/usr/bin:/bin"}, lambda: True
                        Path(sys.argv[1]))
 sup.start()
 print("PID", sup.last_pid, flush=True)
+sys.stdin.readline()  # the test has seen the server alive
 if sys.argv[2] == "exit":
     sys.exit(0)
 time.sleep(600)
@@ -430,12 +431,15 @@ def test_a_dead_worker_leaves_no_server(end, tmp_path):
     """The server dies with its worker: at a normal exit (atexit) and when SIGKILLed (pdeathsig)."""
     parent = subprocess.Popen(
         [sys.executable, "-c", ORPHAN_PARENT, str(tmp_path / "log"), end],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     try:
         lines = iter(parent.stdout.readline, "")
         server = int(next(line for line in lines if line.startswith("PID ")).split()[1])
         assert group_alive(server)
+        parent.stdin.write("go\n")  # the parent exits (or sleeps, to be killed) only now
+        parent.stdin.flush()
         if end == "sigkill":
             parent.kill()
         parent.wait(30)
