@@ -10,6 +10,8 @@ events sorted by time within ``[0, duration_s]``; the same seed gives the same t
   10% of the trace; no deadlines, a budget per task.
 - ``interactive-chat``: chat requests with a day-like rise and fall in the arrival rate.
 - ``training-mix``: mostly chat inference, a few LoRA fine-tunes and small full trainings.
+- ``melange-arena``, ``melange-pubmed``, ``melange-mixed`` and their ``-40ms`` variants:
+  the Mélange paper's Llama-2-7B workloads with a TPOT goal (``fleet.sim.workloads``).
 
 Calibration. The public request-size traces (Azure LLM inference trace 2023, ShareGPT,
 LMSYS-Chat-1M) cannot be downloaded here. Chat request sizes therefore come from the
@@ -39,6 +41,7 @@ from typing import TypeVar
 import numpy as np
 
 from fleet.sim.trace import TraceEvent, write_trace
+from fleet.sim.workloads import MELANGE_GENERATORS
 from fleet.spec import TaskSpec, parse_spec
 
 T = TypeVar("T")
@@ -302,6 +305,8 @@ GENERATORS: dict[str, Callable[..., list[TraceEvent]]] = {
     "batch-embedding": batch_embedding,
     "interactive-chat": interactive_chat,
     "training-mix": training_mix,
+    # Mélange's Llama-2-7B workloads at a 120 or 40 ms TPOT goal (fleet.sim.workloads).
+    **MELANGE_GENERATORS,
 }
 
 
