@@ -1,10 +1,20 @@
-"""Demand: which pools can serve which queue, and how much of its work each pool is given.
+"""Demand: which pools can serve which queue, and how many devices each pool is given.
 
 Pure helpers of ``fleet.autoscaler.planner`` (whose docstring is the contract); nothing
-here does I/O or reads a clock. Units: work is measured in *slot-seconds* (one task
-running on one slot for one second); a pool instance with ``D`` devices has ``D // N``
-slots for a queue of tier ``N`` (cpu instances: one slot), so ``slot-seconds / slots``
-are the *instance-seconds* a pool is asked for.
+here does I/O or reads a clock. Units: demand is measured in *devices* (a rate: devices
+busy at once). A queue of tier ``N`` asks for
+
+* the devices its running tasks occupy (``running_devices``, else
+  ``unacked x N x share``: a generation stream of a batch of 40 holds 1/40 of a device,
+  not a whole one), with headroom: ``max(load / TARGET_UTILISATION, load + Z x
+  sqrt(load x N x share))`` (Poisson noise in how many tasks run at once), plus
+* its backlog drained within the pool's ``drain_target_s``:
+  ``ready x N x service_s / drain_target_s`` (``service_s``: device time per task).
+
+Running tasks measure the arrival rate (Little's law: tasks in flight = rate x time in
+flight), so a pool keeping up with steady traffic is sized to that traffic, and one
+falling behind sees its backlog grow. A pool instance with ``D`` devices gives
+``(D // N) x N`` devices to tier ``N`` (cpu instances: one).
 
 A model queue (``...@<model>``) is served only by pools that hold the model (for the kinds
 their engine runs); a plain queue only by pools without models (``PoolView.serves``, from
@@ -25,6 +35,8 @@ from fleet.spec import TaskKind
 
 CPU = "cpu"
 EPS = 1e-9
+TARGET_UTILISATION = 0.8  # devices busy over devices bought, at steady load
+Z = 2.0  # standard deviations of in-flight noise kept as headroom
 
 DEFAULT_SERVICE_S: dict[TaskKind, float] = {
     TaskKind.INFERENCE: 10.0,
@@ -55,7 +67,11 @@ def offer_ref(priced: PricedOffer) -> OfferRef:
 
 @dataclass(frozen=True, slots=True)
 class QueueDemand:
-    """A parsed queue with work: ``tasks`` (ready + unacked) of ``service_s`` each."""
+    """A parsed queue with work: ``tasks`` (ready + unacked), ``service_s`` of device time each.
+
+    ``share``: the part of its ``devices`` one running task occupies (1: all of them);
+    ``running_devices``: devices its running tasks occupy, when observed.
+    """
 
     name: str
     kind: TaskKind
@@ -65,11 +81,22 @@ class QueueDemand:
     ready: int
     service_s: float
     model: str | None = None  # the registry model of a ``...@<model>`` queue
+    share: float = 1.0
+    running_devices: float | None = None
 
     @property
-    def work_s(self) -> float:
-        """Slot-seconds of work queued and running."""
-        return self.tasks * self.service_s
+    def in_flight_devices(self) -> float:
+        """Devices the queue's running tasks occupy now."""
+        if self.running_devices is not None:
+            return self.running_devices
+        return (self.tasks - self.ready) * self.devices * self.share
+
+    def devices_wanted(self, drain_target_s: float) -> float:
+        """Devices to keep: in-flight load with headroom, plus the backlog over ``drain_target_s``."""
+        load = self.in_flight_devices
+        unit = self.devices * self.share
+        steady = max(load / TARGET_UTILISATION, load + Z * math.sqrt(load * unit)) if load else 0.0
+        return steady + self.ready * self.devices * self.service_s / drain_target_s
 
 
 def parse_demands(queues: Mapping[str, QueueObservation], namespace: str) -> list[QueueDemand]:
@@ -83,9 +110,19 @@ def parse_demands(queues: Mapping[str, QueueObservation], namespace: str) -> lis
             continue
         sample = q.sample_service_s
         service = sample if sample is not None and sample > 0 else DEFAULT_SERVICE_S[ref.kind]
+        share = q.sample_share if q.sample_share is not None and q.sample_share > 0 else 1.0
         out.append(
             QueueDemand(
-                name, ref.kind, ref.accelerator, ref.devices, tasks, q.ready, service, ref.model
+                name,
+                ref.kind,
+                ref.accelerator,
+                ref.devices,
+                tasks,
+                q.ready,
+                service,
+                ref.model,
+                share=min(share, 1.0),
+                running_devices=q.running_devices,
             )
         )
     return out
@@ -112,7 +149,8 @@ class PoolView:
     )
     load_s: float = 0.0
     max_devices: int = 0
-    used_s: float = 0.0
+    used: float = 0.0  # devices assigned (with headroom and backlog drain)
+    in_flight: float = 0.0  # devices the assigned running tasks occupy now
     top_tier: int = 0
     shares: list[tuple[QueueDemand, float]] = field(default_factory=list)
     choices: dict[int, PricedOffer | None] = field(default_factory=dict)
@@ -136,19 +174,19 @@ class PoolView:
             self.choices[tier] = choose_offer(self.pool, self.offers, self.blocked, tier)
         return self.choices[tier]
 
-    def slots(self, tier: int) -> int:
-        """Tasks of ``tier`` one instance runs at once (at least 1)."""
+    def tier_devices(self, tier: int) -> int:
+        """Devices one instance gives tier ``tier``: ``(D // tier) x tier``, at least ``tier``."""
         chosen = self.offer_for(tier)
         devices = pool_devices(self.pool, chosen.offer) if chosen else self.max_devices
-        return max(1, devices // tier)
+        return max(1, devices // tier) * tier
 
-    def slot_cost(self, tier: int) -> float:
-        """USD per slot-hour of the offer chosen for ``tier``; infinite when none is usable."""
+    def device_cost(self, tier: int) -> float:
+        """USD per device-hour of the offer chosen for ``tier``; infinite when none is usable."""
         chosen = self.offer_for(tier)
-        return math.inf if chosen is None else chosen.usd_per_hour / self.slots(tier)
+        return math.inf if chosen is None else chosen.usd_per_hour / self.tier_devices(tier)
 
-    def room_s(self, tier: int) -> float:
-        """Instance-seconds still free before ``max_instances`` or the pool budget binds."""
+    def room(self, tier: int) -> float:
+        """Devices still free before ``max_instances`` or the pool budget binds."""
         pool, chosen = self.pool, self.offer_for(tier)
         if chosen is None:
             affordable: float = 0
@@ -158,13 +196,14 @@ class PoolView:
             headroom = pool.budget_usd_per_hour - self.spend
             affordable = max(0, math.floor(headroom / chosen.usd_per_hour + EPS))
         cap = min(pool.max_instances, self.capacity + affordable)
-        return cap * pool.drain_target_s - self.used_s
+        return cap * self.tier_devices(tier) - self.used
 
-    def take(self, demand: QueueDemand, slot_s: float, tier_slots: int) -> None:
-        """Assign ``slot_s`` slot-seconds of ``demand`` to this pool."""
-        self.used_s += slot_s / tier_slots
+    def take(self, demand: QueueDemand, devices: float, wanted: float) -> None:
+        """Assign ``devices`` of the ``wanted`` devices ``demand`` asks for to this pool."""
+        self.used += devices
+        frac = devices / wanted if wanted > 0 else 1.0
+        self.in_flight += demand.in_flight_devices * frac
         self.top_tier = max(self.top_tier, demand.devices)
-        frac = slot_s / demand.work_s
         if self.shares and self.shares[-1][0] is demand:  # the overflow of a queue it took
             frac += self.shares.pop()[1]
         self.shares.append((demand, frac))
@@ -229,8 +268,9 @@ def assign(
 
     Queues go largest tier first (they have the fewest adequate pools), then by name.
     For each, adequate pools (serving the queue's model, or the plain queues) are ranked by
-    (slot cost for the tier, name) once per (accelerator, model, kind, tier); work fills a pool
-    up to its ``room_s`` and spills to the next.
+    (USD per device-hour for the tier, name) once per (accelerator, model, kind, tier); the
+    devices a queue wants (``QueueDemand.devices_wanted``, backlog over the cheapest pool's
+    drain target) fill a pool up to its ``room`` and spill to the next.
     Work left when every adequate pool is full goes to the cheapest one (its desired
     count is clamped by ``max_instances`` anyway). A cursor per ranking skips pools that
     are full, so the whole pass is linear in queues plus pools (plus the sorts).
@@ -254,22 +294,23 @@ def assign(
         key = (group, d.devices)
         if key not in ranked:
             fit = [v for v in views if v.max_devices >= d.devices]
-            ranked[key] = sorted(fit, key=lambda v: (v.slot_cost(d.devices), v.pool.name))
+            ranked[key] = sorted(fit, key=lambda v: (v.device_cost(d.devices), v.pool.name))
             cursor[key] = 0
-        cands, i, remaining = ranked[key], cursor[key], d.work_s
+        cands, i = ranked[key], cursor[key]
+        wanted = d.devices_wanted(cands[0].pool.drain_target_s)
+        remaining = wanted
         while remaining > EPS and i < len(cands):
             view = cands[i]
-            slots = view.slots(d.devices)
-            room = view.room_s(d.devices) * slots
+            room = view.room(d.devices)
             if room <= EPS:
                 i += 1
                 continue
             part = min(remaining, room)
-            view.take(d, part, slots)
+            view.take(d, part, wanted)
             remaining -= part
         cursor[key] = i
-        if remaining > EPS:
-            cands[0].take(d, remaining, cands[0].slots(d.devices))
+        if remaining > EPS or not wanted:
+            cands[0].take(d, remaining, wanted)
     unserved.sort(key=lambda u: u.queue)
     return unserved
 

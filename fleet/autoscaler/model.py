@@ -113,6 +113,12 @@ class QueueObservation:
     # batching server) of the messages ``observe`` sampled from the head of the queue;
     # None when it could not peek.
     sample_service_s: float | None = None
+    # Mean share of its devices one running task of this queue occupies (busy_s over wall
+    # time, in (0, 1]: a stream of a batch of 40 holds 1/40); None: unknown (counted as 1).
+    sample_share: float | None = None
+    # Devices the queue's running tasks occupy now, when the observer knows it (the
+    # simulator does); None: ``unacked x tier x sample_share``.
+    running_devices: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

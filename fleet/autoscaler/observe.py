@@ -62,6 +62,18 @@ def sample_service_s(
     client: redis.Redis, queue: str, catalog: Catalog, namespace: str, n: int = SAMPLE
 ) -> float | None:
     """Mean estimated device time of up to ``n`` messages at the head of a Redis queue."""
+    sample = sample_head(client, queue, catalog, namespace, n)
+    return None if sample is None else sample[0]
+
+
+def sample_head(
+    client: redis.Redis, queue: str, catalog: Catalog, namespace: str, n: int = SAMPLE
+) -> tuple[float, float] | None:
+    """``(mean device time, mean device share)`` of up to ``n`` messages at a Redis queue's head.
+
+    Device time is the throughput model's ``busy_s``; the share is ``busy_s`` over the
+    task's wall time (a stream of a batch of B holds about 1/B of its devices).
+    """
     ref = parse_queue(queue, namespace)
     if ref is None or ref.accelerator not in catalog.families:
         return None
@@ -71,6 +83,7 @@ def sample_service_s(
         or None
     )
     times: list[float] = []
+    shares: list[float] = []
     for step in REDIS_PRIORITY_STEPS:
         key = queue if step == 0 else f"{queue}:{step}"
         for raw in client.lrange(key, -n, -1):  # LPUSH/BRPOP: the oldest are at the right
@@ -81,12 +94,37 @@ def sample_service_s(
                 spec = parse_spec(data)
                 # Device time, not wall time: a batching server overlaps generation
                 # streams, and capacity is what the planner sizes.
-                times.append(estimate(spec, family, ref.devices, vcpus).busy_s)
+                est = estimate(spec, family, ref.devices, vcpus)
             except (SpecError, ValueError):
                 continue
+            times.append(est.busy_s)
+            shares.append(min(1.0, est.busy_s / max(est.service_s, 1e-9)))
         if len(times) >= n:
             break
-    return sum(times) / len(times) if times else None
+    return (sum(times) / len(times), sum(shares) / len(shares)) if times else None
+
+
+def carry_samples(
+    queues: Mapping[str, QueueObservation], memory: dict[str, tuple[float, float]]
+) -> dict[str, QueueObservation]:
+    """Queues with running work but no head sample take the last sample seen for them.
+
+    A queue drained to empty still has tasks in flight; without this their device share
+    would be unknown (counted as whole devices). ``memory`` (the loop's, kept between
+    plans) is updated with every fresh sample and forgets queues with no work.
+    """
+    out: dict[str, QueueObservation] = {}
+    for name, q in queues.items():
+        seen = q
+        if q.sample_service_s is not None and q.sample_share is not None:
+            memory[name] = (q.sample_service_s, q.sample_share)
+        elif q.unacked and name in memory:
+            busy, share = memory[name]
+            seen = replace(q, sample_service_s=busy, sample_share=share)
+        elif not q.ready and not q.unacked:
+            memory.pop(name, None)
+        out[name] = seen
+    return out
 
 
 def _queue_stats(
@@ -157,8 +195,9 @@ def observe(
     for name, s in stats.items():
         sample = None
         if client is not None and s.ready:
-            sample = sample_service_s(client, name, catalog, settings.namespace)
-        queues[name] = QueueObservation(name, s.ready, s.unacked, s.consumers, sample)
+            sample = sample_head(client, name, catalog, settings.namespace)
+        busy, share = sample if sample is not None else (None, None)
+        queues[name] = QueueObservation(name, s.ready, s.unacked, s.consumers, busy, share)
     instances: list[Instance] = []
     found_errors = list(errors)
     marks = draining or {}

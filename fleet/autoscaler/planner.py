@@ -15,19 +15,26 @@ Contract:
    family does not run the kind, no pool for the accelerator, no pool of it holding the
    model (or running the kind for it, or a pool without models for plain work), or the
    largest serving pool's device count.
-2. **Demand.** ``work_s = (ready + unacked) x service_s`` slot-seconds, ``service_s`` the
-   queue's ``sample_service_s`` if positive, else ``DEFAULT_SERVICE_S[kind]``. An instance has
-   ``slots = devices // N`` for tier ``N``, counted on the offer it would launch for ``N``
-   (rule 4). Queues (largest tier first, then by name) go to the adequate pool with the
-   lowest USD per slot-hour of that offer (ties: pool name); a pool takes work up to
-   ``min(max_instances, current + instances its budget still affords) x drain_target_s``
-   instance-seconds, the rest spills to the next pool; what is left when all are full goes
-   to the cheapest. Pools whose offers are all in backoff rank last and hold only their
-   current instances. The fleet budget and the launch cap do not cause spilling.
-3. **Sizing.** ``desired = ceil(sum(work_s / slots) / drain_target_s)``, at least 1 with
-   assigned work, clamped to ``[min_instances, max_instances]``; with no work,
-   ``min_instances``. ``current`` = PENDING + RUNNING instances; DRAINING and
-   TERMINATING ones are not capacity but their spend counts against budgets until gone.
+2. **Demand.** In devices (``fleet.autoscaler.demand``): a queue of tier ``N`` wants the
+   devices its running tasks occupy (``running_devices``, else ``unacked x N x
+   sample_share``; a batching server's stream holds a fraction of a device) with headroom
+   (``max(load / 0.8, load + 2 sqrt(load x N x share))``), plus its backlog
+   ``ready x N x service_s`` drained within ``drain_target_s``; ``service_s`` is the
+   queue's ``sample_service_s`` (device time per task) if positive, else
+   ``DEFAULT_SERVICE_S[kind]``. Running tasks measure the arrival rate (Little's law), so
+   steady traffic sizes a pool to that traffic. An instance gives tier ``N``
+   ``(devices // N) x N`` devices, counted on the offer it would launch for ``N`` (rule
+   4). Queues (largest tier first, then by name) go to the adequate pool with the lowest
+   USD per device-hour of that offer (ties: pool name); a pool takes devices up to
+   ``min(max_instances, current + instances its budget still affords)`` instances, the
+   rest spills to the next pool; what is left when all are full goes to the cheapest.
+   Pools whose offers are all in backoff rank last and hold only their current
+   instances. The fleet budget and the launch cap do not cause spilling.
+3. **Sizing.** ``desired = ceil(devices assigned / devices per instance)`` for the pool's
+   largest assigned tier, at least 1 with assigned work, clamped to ``[min_instances,
+   max_instances]``; with no work, ``min_instances``. ``current`` = PENDING + RUNNING
+   instances; DRAINING and TERMINATING ones are not capacity but their spend counts
+   against budgets until gone.
 4. **Scale-out** when ``desired > current`` and the scale-out cooldown has passed (or the
    pool never scaled out): up to ``desired - current`` launches of one offer, the one
    ``choose_offer`` picks for the pool's largest assigned tier (1 with no work): in the
@@ -40,11 +47,15 @@ Contract:
    ``fleet.max_launches_per_loop`` launches per plan, handed out one per pool per round
    in pool-name order so one pool cannot starve the rest. Token:
    ``f"{pool}-{int(now * 1000)}-{i}"``.
-5. **Scale-in** only when no queue the pool can serve has work, it has been idle for
+5. **Scale-in.** (a) With no work a pool can serve, once idle for
    ``idle_before_scale_in_s`` (since ``history.last_busy_at``, else its earliest launch,
-   else forever) and the scale-in cooldown has passed: terminate PENDING/RUNNING instances
-   down to ``min_instances``, newest first. Never while it has work, so a steady backlog
-   cannot flap; never above ``max_instances`` either while work remains.
+   else forever) and past the scale-in cooldown: PENDING/RUNNING instances terminate
+   down to ``min_instances``, newest first. (b) Under load, when ``current`` exceeds
+   ``desired`` by more than 10% (hysteresis), the last scale-out is at least
+   ``idle_before_scale_in_s`` old (stabilisation) and the scale-in cooldown has passed:
+   half the excess (at least one), newest first, never below the instances the running
+   work occupies (``ceil(in-flight devices / devices per instance)``) or
+   ``min_instances``. Terminated instances drain: running tasks finish.
 6. **Clean-up** ignores cooldowns: instances of pools not in the config are terminated
    ("orphan: ..."); PENDING ones older than ``fleet.launch_grace_s`` plus the time the
    pool's workers take to read their models (``PoolConfig.load_s``: weights over the
@@ -112,6 +123,7 @@ __all__ = ["DEFAULT_SERVICE_S", "busy_pools", "plan", "pool_devices"]
 BACKOFF_KINDS = frozenset({ErrorKind.CAPACITY, ErrorKind.QUOTA, ErrorKind.UNSUPPORTED})
 CAPACITY_STATES = frozenset({InstanceState.PENDING, InstanceState.RUNNING})
 MAX_QUEUES_IN_REASON = 4
+SCALE_IN_HYSTERESIS = 0.1  # under load, shed only when capacity exceeds need by more
 ROUND_TOLERANCE = 0.05  # reasons show whole seconds unless a tenth matters
 WHOLE_ABOVE = 100.0
 
@@ -269,8 +281,10 @@ def _size(draft: _Draft, *, has_work: bool, history: PoolHistory | None, now: fl
     cur = len(draft.live)
     if draft.terminations:
         draft.reasons.append(f"cleaned up {len(draft.terminations)} unconfirmed launch(es)")
+    per_instance = view.tier_devices(max(view.top_tier, 1))
+    floor = math.ceil(view.in_flight / per_instance - EPS)  # what running work holds
     if has_work:
-        need = math.ceil(view.used_s / pool.drain_target_s - EPS)
+        need = math.ceil(view.used / per_instance - EPS)
         need = max(need, 1) if view.shares else need
         draft.desired = min(max(need, pool.min_instances), pool.max_instances)
         tier = max(view.top_tier, 1)
@@ -305,9 +319,7 @@ def _size(draft: _Draft, *, has_work: bool, history: PoolHistory | None, now: fl
                     f" ({seconds(view.load_s)} s) before it serves"
                 )
     elif draft.desired < cur and has_work:
-        draft.reasons.append(
-            f"holding {cur} instances for {draft.desired} desired: work remains, scale-in waits for idle"
-        )
+        _scale_in_under_load(draft, history, floor, now)
     elif draft.desired < cur:
         _scale_in(
             draft,
@@ -317,6 +329,43 @@ def _size(draft: _Draft, *, has_work: bool, history: PoolHistory | None, now: fl
         )
     else:
         draft.reasons.append(f"steady: {cur} instances for {draft.desired} desired")
+
+
+def _scale_in_under_load(
+    draft: _Draft, history: PoolHistory | None, floor: int, now: float
+) -> None:
+    """Rule 5b: shed capacity above need while work continues, gradually and never below ``floor``."""
+    pool, cur = draft.view.pool, len(draft.live)
+    target = max(draft.desired, floor, pool.min_instances)
+    last_out = history.last_scale_out_at if history else None
+    last_in = history.last_scale_in_at if history else None
+    if cur <= target or cur <= draft.desired * (1 + SCALE_IN_HYSTERESIS):
+        draft.reasons.append(
+            f"holding {cur} instances for {draft.desired} desired"
+            + (f": running work holds {floor}" if floor >= cur else ": within the hysteresis")
+        )
+        return
+    if last_out is not None and now - last_out < pool.idle_before_scale_in_s:
+        draft.reasons.append(
+            f"scaled out {_num(now - last_out)} s ago < {_num(pool.idle_before_scale_in_s)} s:"
+            f" keeping {cur} instances for {draft.desired} desired"
+        )
+        return
+    if last_in is not None and now - last_in < pool.scale_in_cooldown_s:
+        draft.reasons.append(
+            f"scale-in cooldown: {_num(now - last_in)} s < {_num(pool.scale_in_cooldown_s)} s"
+        )
+        return
+    step = max(1, math.ceil((cur - target) / 2))  # halve the excess per cooldown
+    reason = (
+        f"capacity above need under load: {cur} instances for {draft.desired} desired"
+        f" (running work holds {floor})"
+    )
+    newest = sorted(draft.live, key=lambda i: (i.launched_at, i.id), reverse=True)
+    draft.terminations += [
+        Termination(pool.name, i.id, i.usd_per_hour, reason) for i in newest[:step]
+    ]
+    draft.reasons.append(f"{reason}: {cur} -> {cur - step} instances")
 
 
 def _scale_in(draft: _Draft, last_busy: float | None, last_in: float | None, now: float) -> None:
@@ -392,10 +441,15 @@ def _backlog_reason(view: PoolView, cur: int, desired: int) -> str:
     parts = []
     for d, frac in shares[:MAX_QUEUES_IN_REASON]:
         here = f" ({frac:.0%} here)" if frac < 1 - EPS else ""
-        parts.append(f"{d.tasks} tasks x {_num(d.service_s)} s on {d.name}{here}")
+        running = d.tasks - d.ready
+        busy = f", {running} running on {d.in_flight_devices:.3g} devices" if running else ""
+        parts.append(f"{d.ready} tasks x {_num(d.service_s)} s on {d.name}{busy}{here}")
     if len(shares) > MAX_QUEUES_IN_REASON:
         parts.append(f"{len(shares) - MAX_QUEUES_IN_REASON} more queues")
-    return f"backlog {'; '.join(parts)}: {cur} -> {desired} instances to drain within {drain} s"
+    return (
+        f"backlog {'; '.join(parts)}: {cur} -> {desired} instances to drain within {drain} s"
+        f" ({view.used:.3g} devices with headroom for running work)"
+    )
 
 
 def _blocked_offers(

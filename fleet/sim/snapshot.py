@@ -4,8 +4,9 @@ The same observation the live loop gathers (``fleet.autoscaler.observe``), from 
 simulation instead of a broker and a provider:
 
 * one ``QueueObservation`` per queue that has ever had work or has work running: depth,
-  tasks running from it, and the mean device time (``busy_s`` on the queue's family and
-  tier) of up to ``SAMPLE`` tasks at its head when it is not empty;
+  tasks running from it and the devices they occupy, and the mean device time
+  (``busy_s`` on the queue's family and tier) and device share of up to ``SAMPLE`` tasks
+  at its head when it is not empty (else the running tasks' mean share);
 * one ``Instance`` and one ``WorkerObservation`` per instance not ended: PENDING before
   ``ready_at``, RUNNING after, DRAINING once a scale-in chose it.
 
@@ -38,15 +39,19 @@ SAMPLE = 20
 def queue_observations(
     queues: Mapping[str, deque[SimTask]], live: Iterable[SimInstance], catalog: Catalog
 ) -> dict[str, QueueObservation]:
-    """Depth, running count and head sample of every queue with work waiting or running."""
+    """Depth, running count and devices, and the head sample of every queue with work."""
     out: dict[str, QueueObservation] = {}
     running: dict[str, int] = {}
+    devices: dict[str, float] = {}
+    shares: dict[str, float] = {}
     for inst in live:
         for task in inst.running.values():
             running[task.queue] = running.get(task.queue, 0) + 1
+            devices[task.queue] = devices.get(task.queue, 0.0) + task.share
+            shares[task.queue] = shares.get(task.queue, 0.0) + task.share / max(task.devices, 1)
     for q in set(queues) | set(running):
         waiting = queues.get(q, deque())
-        sample = None
+        sample = share = None
         ref = parse_queue(q)
         if waiting and ref is not None:
             family = catalog.families[ref.accelerator]
@@ -54,11 +59,17 @@ def queue_observations(
                 max((o.vcpus or 0 for o in catalog.offers_by_family[ref.accelerator]), default=0)
                 or None
             )
-            head = list(itertools.islice(waiting, SAMPLE))
-            sample = sum(estimate(t.spec, family, ref.devices, vcpus).busy_s for t in head) / len(
-                head
-            )
-        out[q] = QueueObservation(q, len(waiting), running.get(q, 0), 0, sample)
+            head = [
+                estimate(t.spec, family, ref.devices, vcpus)
+                for t in itertools.islice(waiting, SAMPLE)
+            ]
+            sample = sum(e.busy_s for e in head) / len(head)
+            share = sum(min(1.0, e.busy_s / max(e.service_s, 1e-9)) for e in head) / len(head)
+        elif q in running:
+            share = shares[q] / running[q]
+        out[q] = QueueObservation(
+            q, len(waiting), running.get(q, 0), 0, sample, share, devices.get(q, 0.0)
+        )
     return out
 
 

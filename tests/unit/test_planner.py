@@ -18,6 +18,7 @@ from fleet.autoscaler.config import (
     parse_config,
     pool_offers,
 )
+from fleet.autoscaler.demand import parse_demands
 from fleet.autoscaler.model import (
     ErrorKind,
     Instance,
@@ -29,6 +30,7 @@ from fleet.autoscaler.model import (
     Snapshot,
     WorkerObservation,
 )
+from fleet.autoscaler.observe import carry_samples
 from fleet.autoscaler.planner import DEFAULT_SERVICE_S, busy_pools, plan, pool_devices
 from fleet.catalog import default_catalog
 from fleet.queues import parse_queue
@@ -159,7 +161,13 @@ SCENARIOS = [
     ("idle too short: keep", [LOCAL_L4], {}, snap({}, RUNNING_3, history=hist(busy=299)), [], []),
     ("idle long enough: scale to zero", [LOCAL_L4], {}, snap({}, RUNNING_3, history=hist(busy=300)), [], ["c", "b", "a"]),
     ("scale-in cooldown blocks", [LOCAL_L4], {}, snap({}, RUNNING_3, history=hist(busy=1000, in_=60)), [], []),
-    ("never scale in with work", [LOCAL_L4], {}, snap({L4: 1}, RUNNING_3, history=hist(busy=1000)), [], []),
+    ("under load, excess sheds half", [LOCAL_L4], {}, snap({L4: 1}, RUNNING_3, history=hist(busy=1000)), [], ["c"]),
+    ("under load, excess of 4 sheds 2", [LOCAL_L4], {}, snap({L4: 1}, (*RUNNING_3, inst("d", at=4.0), inst("e", at=5.0)), history=hist(busy=1000)), [], ["e", "d"]),
+    ("under load, recent scale-out holds", [LOCAL_L4], {}, snap({L4: 1}, RUNNING_3, history=hist(busy=1000, out=299)), [], []),
+    ("under load, scale-in cooldown holds", [LOCAL_L4], {}, snap({L4: 1}, RUNNING_3, history=hist(busy=1000, in_=60)), [], []),
+    ("running work holds its devices", [LOCAL_L4], {}, snap({L4: QueueObservation(L4, ready=1, unacked=3, sample_share=1.0)}, RUNNING_3, history=hist(busy=1000)), [], []),
+    ("batched streams hold a share", [LOCAL_L4], {}, snap({L4: QueueObservation(L4, unacked=30, sample_share=0.02)}, RUNNING_3, history=hist(busy=1000)), [], ["c"]),
+    ("within the hysteresis: hold", [LOCAL_L4], {}, snap({L4: QueueObservation(L4, unacked=2, running_devices=2.0)}, RUNNING_3, history=hist(busy=1000)), [], []),
     ("no history: idle since first launch", [LOCAL_L4], {}, snap({}, [inst("a", at=NOW - 100)]), [], []),
     ("no history, old instance: scale in", [LOCAL_L4], {}, snap({}, [inst("a", at=NOW - 400)]), [], ["a"]),
     ("draining is not terminated again", [LOCAL_L4], {}, snap({}, [inst("d", state="draining")], history=hist(busy=1000)), [], []),
@@ -195,6 +203,7 @@ def test_launch_reason_tokens_and_devices():
     assert [x.token for x in d.launches] == [f"local-l4-{int(NOW * 1000)}-{i}" for i in range(3)]
     reason = (
         "backlog 340 tasks x 10 s on inference.nvidia-l4: 0 -> 3 instances to drain within 30 s"
+        " (113 devices with headroom for running work)"
     )
     assert {x.reason for x in d.launches} == {reason}
     assert {(x.usd_per_hour, x.devices) for x in d.launches} == {(0.8048, 1)}
@@ -288,7 +297,7 @@ def test_busy_pools(queues, busy):
 
 def test_sample_service_time_beats_the_default():
     """A queue's sampled service time sizes the pool instead of the per-kind default."""
-    slow = QueueObservation(L4, ready=3, unacked=1, sample_service_s=20.0)  # 80 s -> 3 at 30 s
+    slow = QueueObservation(L4, ready=4, sample_service_s=20.0)  # 80 s -> 3 at 30 s
     (d,) = plan(snap({L4: slow}), config(with_(LOCAL_L4, max_instances=9)), CATALOG, NOW).decisions
     assert d.desired == 3
     assert "4 tasks x 20 s on inference.nvidia-l4" in d.launches[0].reason
@@ -510,7 +519,7 @@ def test_launches_respect_max_instances_device_tiers_and_the_cap(world):
 
 @given(worlds())
 def test_no_churn(world):
-    """No terminations while a pool has work (clean-up aside), never with launches, never twice."""
+    """Under load only clean-up and shedding above need (never below desired); never with launches, never twice."""
     cfg, snapshot, now = world
     p = plan(snapshot, cfg, CATALOG, now)
     by_name = {pool.name: pool for pool in cfg.pools}
@@ -526,7 +535,10 @@ def test_no_churn(world):
         if pool is None:
             assert all(t.reason.startswith("orphan:") for t in d.terminations)
         elif has_work(pool, snapshot):
-            assert all(t.reason.startswith("launch never confirmed") for t in d.terminations)
+            kinds = ("launch never confirmed", "capacity above need under load")
+            assert all(t.reason.startswith(kinds) for t in d.terminations)
+            shed = [t for t in d.terminations if t.reason.startswith(kinds[1])]
+            assert not shed or d.current - len(d.terminations) >= d.desired, d
     assert plan(snapshot, cfg, CATALOG, now) == p
     assert busy_pools(snapshot, cfg, CATALOG) == {
         x.name for x in cfg.pools if has_work(x, snapshot)
@@ -591,3 +603,50 @@ def test_no_flapping_under_a_steady_backlog_then_scale_in_only_after_idle():
     assert all(n == 4 for idle, n in after if idle < 20)
     assert all(n == 1 for idle, n in after if idle >= 20)
     assert math.isclose(min(idle for idle, n in after if n == 1), 20)
+
+
+# ------------------------------------------------------------------- capacity from in-flight work
+
+
+def test_in_flight_streams_count_by_their_device_share():
+    """40 running streams of a batch of 40 are one device of load, not 40 (Little's law)."""
+    q = QueueObservation(L4, unacked=40, sample_service_s=0.5, sample_share=1 / 40)
+    (d,) = parse_demands({L4: q}, "")
+    assert d.in_flight_devices == pytest.approx(1.0)
+    # headroom: max(1 / 0.8, 1 + 2 sqrt(1 x 1/40)) = 1.316; no backlog
+    assert d.devices_wanted(300.0) == pytest.approx(1 + 2 * math.sqrt(1 / 40))
+
+
+def test_backlog_adds_its_device_time_over_the_drain_target():
+    """Waiting tasks add ready x tier x service_s / drain_target_s devices to the running load."""
+    q = QueueObservation(f"{L4}.x2", ready=30, unacked=0, sample_service_s=10.0, sample_share=0.1)
+    (d,) = parse_demands({f"{L4}.x2": q}, "")
+    assert d.devices_wanted(60.0) == pytest.approx(30 * 2 * 10.0 / 60.0)
+
+
+def test_observed_running_devices_win_over_the_share():
+    """The simulator's exact device count replaces unacked x tier x share."""
+    q = QueueObservation(L4, unacked=10, sample_share=0.5, running_devices=2.0)
+    (d,) = parse_demands({L4: q}, "")
+    assert d.in_flight_devices == 2.0
+    assert d.devices_wanted(300.0) == pytest.approx(max(2 / 0.8, 2 + 2 * math.sqrt(2 * 0.5)))
+
+
+def test_steady_batched_load_buys_what_it_uses():
+    """200 streams at 1/50 of a device each: 4 devices of load, 6 instances with headroom."""
+    q = QueueObservation(L4, unacked=200, sample_service_s=0.2, sample_share=1 / 50)
+    p = plan(snap({L4: q}), config(with_(LOCAL_L4, max_instances=50)), CATALOG, NOW)
+    (d,) = p.decisions
+    assert d.desired == math.ceil(max(4 / 0.8, 4 + 2 * math.sqrt(4 / 50)))
+
+
+def test_carry_samples_keeps_the_last_head_sample_for_running_work():
+    """A queue drained to empty keeps its last sample while tasks run, then forgets it."""
+    memory: dict[str, tuple[float, float]] = {}
+    carry_samples(
+        {L4: QueueObservation(L4, ready=3, sample_service_s=2.0, sample_share=0.1)}, memory
+    )
+    running = carry_samples({L4: QueueObservation(L4, unacked=3)}, memory)
+    assert (running[L4].sample_service_s, running[L4].sample_share) == (2.0, 0.1)
+    carry_samples({L4: QueueObservation(L4)}, memory)
+    assert memory == {}
