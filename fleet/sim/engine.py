@@ -10,10 +10,13 @@ Policies:
   the pools that hold the model (``fleet.sim.models``).
 * ``cheapest``: each task goes to the cheapest compatible offer, ignoring queues and
   deadlines (placement without loads or deadline); capacity by the same planner.
-* ``homogeneous``: what a buyer runs today: every task on one H100 offer (AWS p5.48xlarge,
-  on-demand), scaled the way KEDA scales a Deployment on a queue: every ``polling_s`` the
-  desired replicas are ``ceil(queue length / target)``, scale-up at once, scale-down only
-  after ``cooldown_s`` without need. Tasks that 8 x H100 cannot hold are rejected.
+* ``homogeneous``: a KEDA-like baseline, what a buyer runs without fleet: every task on one
+  instance type, the cheapest offer of the config's pools that can hold every task of the
+  trace, scaled the way KEDA scales a Deployment on a queue: every ``polling_s`` (30 s) the
+  desired replicas are ``ceil((waiting + running) / target)``, the target being what one
+  instance runs at once for the trace's typical task; scale-up at once, scale-in to the
+  largest count desired within the last ``cooldown_s`` (300 s). The rules are in
+  ``fleet.sim.keda``. Tasks the instance cannot hold are rejected.
 
 The model. An instance becomes usable ``cold_start_s`` (the family's, or ``boot_s``) plus the
 time its pool's models take to load (``PoolConfig.load_s``) after its launch, and costs its
@@ -57,8 +60,8 @@ from __future__ import annotations
 import gc
 import heapq
 import itertools
-import math
 import random
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -66,20 +69,31 @@ from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools
 from fleet.autoscaler.model import PoolHistory
 from fleet.autoscaler.planner import busy_pools, plan
 from fleet.catalog import Catalog, Offer
-from fleet.compat import devices_needed, memory_needed_gb
+from fleet.compat import family_rejection, memory_needed_gb, offer_fit
 from fleet.placement import NoPlacementError, Placement, Policy, place
 from fleet.queues import all_queue_names, api_queue_name, parse_queue
 from fleet.sim.apipools import SimApiPool
+from fleet.sim.keda import (
+    KEDA_COOLDOWN_S,
+    KEDA_MAX_REPLICAS,
+    KEDA_POLLING_S,
+    HomogeneousOffer,
+    concurrency,
+    desired_replicas,
+    homogeneous_offer,
+    scale_in_floor,
+    target_per_instance,
+    task_devices,
+)
 from fleet.sim.models import Holds, ModelCatalogs, pool_holds
 from fleet.sim.results import SimResult, summarise
 from fleet.sim.snapshot import SAMPLE, build_snapshot
 from fleet.sim.state import QueueBook, QueueLoads, SimInstance, SimTask
 from fleet.sim.trace import TraceEvent
-from fleet.spec import SLO, TaskKind
+from fleet.spec import SLO, TaskKind, TaskSpec
 from fleet.throughput import estimate
 
 __all__ = [
-    "HOMOGENEOUS_OFFER",
     "POLICIES",
     "SAMPLE",
     "SimInstance",
@@ -90,7 +104,6 @@ __all__ = [
 ]
 
 POLICIES = ("fleet", "homogeneous", "cheapest")
-HOMOGENEOUS_OFFER = ("aws", "us-east-1", "p5.48xlarge")
 HOMOGENEOUS_QUEUE = "homogeneous"
 
 
@@ -106,15 +119,20 @@ class Simulation:
         *,
         spot_interruptions_per_hour: float = 0.0,
         seed: int = 0,
-        keda_target: int = 5,
-        keda_polling_s: float = 30.0,
-        keda_cooldown_s: float = 300.0,
-        keda_max: int = 100,
+        keda_target: int | None = None,
+        keda_polling_s: float = KEDA_POLLING_S,
+        keda_cooldown_s: float = KEDA_COOLDOWN_S,
+        keda_max: int = KEDA_MAX_REPLICAS,
         boot_s: float | None = None,
         stop_s: float = 0.0,
         api_pools: bool = True,
     ) -> None:
-        """Prepare a run; ``policy`` is one of ``POLICIES``; ``api_pools`` False ignores ``[[api_pools]]``."""
+        """Prepare a run; ``policy`` is one of ``POLICIES``; ``api_pools`` False ignores ``[[api_pools]]``.
+
+        ``keda_*`` shape the ``homogeneous`` policy (``fleet.sim.keda``): ``keda_target``
+        tasks per instance (None: what one instance runs at once for the trace's typical
+        task), the polling interval, the scale-in cooldown and the most instances.
+        """
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
         if not api_pools:
@@ -141,7 +159,7 @@ class Simulation:
         self.queues = self.book.queues
         self.rng = random.Random(seed)
         self.spot_rate = spot_interruptions_per_hour
-        self.keda = (keda_target, keda_polling_s, keda_cooldown_s, keda_max)
+        self.keda = (keda_target or 1, keda_polling_s, keda_cooldown_s, keda_max)
         self.boot_s = boot_s  # None: each family's cold start from the catalog
         # Billed time after a scale-in decision finds an instance idle: the drain handshake and
         # the shutdown itself (0: billing stops at the decision, as before).
@@ -157,10 +175,10 @@ class Simulation:
         self.ids = itertools.count()
         self.launches = itertools.count()  # ties in `pending` go by launch order
         self.now = 0.0
-        self.keda_low_since: float | None = None
-        self.homog_offer = next(
-            o for o in catalog.offers if (o.cloud, o.region, o.instance_type) == HOMOGENEOUS_OFFER
-        )
+        self.keda_recent: deque[tuple[float, int]] = deque()  # (poll time, desired) in cooldown
+        self.homog: HomogeneousOffer | None = None
+        if policy == "homogeneous":
+            self._keda_setup(keda_target)
         self.offers = {(o.cloud, o.region, o.instance_type): o for o in catalog.offers}
         self._no_deadline: dict[SLO, SLO] = {}
 
@@ -236,12 +254,9 @@ class Simulation:
     def _arrive(self, task: SimTask) -> None:
         spec = task.spec
         if self.policy == "homogeneous":
-            need = memory_needed_gb(spec)
-            d = devices_needed(
-                need, self.homog_offer.accelerator_memory_gb, self.homog_offer.accelerator_count
-            )
+            d = self.homog_devices[task.idx]
             if d is None:
-                self._reject(task, f"8 x H100 cannot hold {need:,.0f} GB")
+                self._reject(task, self._homog_refusal(spec))
                 return
             task.queue, task.devices = HOMOGENEOUS_QUEUE, d
         else:
@@ -459,35 +474,59 @@ class Simulation:
         else:
             self._planner_tick()
 
+    def _keda_setup(self, target: int | None) -> None:
+        """The homogeneous policy's one offer, each task's devices on it, and the KEDA target."""
+        self.homog = homogeneous_offer([t.spec for t in self.tasks], self.config, self.catalog)
+        self.homog_devices: list[int | None] = [None] * len(self.tasks)
+        if self.homog is None:
+            return
+        offer = self.homog.priced.offer
+        family = self.catalog.families[offer.accelerator]
+        held = []
+        for task in self.tasks:
+            self.homog_devices[task.idx] = task_devices(task.spec, offer, family)
+            if self.homog_devices[task.idx] is not None:
+                held.append(concurrency(task.spec, offer, family) or 1.0)
+        if target is None:
+            self.keda = (target_per_instance(held), *self.keda[1:])
+
+    def _homog_refusal(self, spec: TaskSpec) -> str:
+        if self.homog is None:
+            return "the config's pools buy no instance"
+        offer = self.homog.priced.offer
+        why = family_rejection(spec, self.catalog.families[offer.accelerator])
+        if why is None:
+            why = offer_fit(spec, offer, memory_needed_gb(spec)).reason
+        return f"{offer.instance_type}: {why}"[:200]
+
     def _keda_tick(self) -> None:
         target, _, cooldown, maximum = self.keda
         live = [i for i in self.live.values() if not i.draining]
         backlog = len(self.book.queues.get(HOMOGENEOUS_QUEUE, ())) + sum(
             len(i.running) for i in live
         )
-        desired = min(maximum, math.ceil(backlog / target))
-        price = self.homog_offer.on_demand_usd_per_hour or 0.0
-        if desired > len(live):
-            self.keda_low_since = None
+        desired = desired_replicas(backlog, target, maximum)
+        recent = self.keda_recent
+        recent.append((self.now, desired))
+        while recent and self.now - recent[0][0] > cooldown:
+            recent.popleft()
+        if desired > len(live) and self.homog is not None:
+            priced = self.homog.priced
             for _ in range(desired - len(live)):
                 self._launch(
-                    "homogeneous",
-                    self.homog_offer,
-                    "on_demand",
-                    price,
-                    self.homog_offer.accelerator_count,
+                    "homogeneous",  # no pool's models or load time: one plain Deployment
+                    priced.offer,
+                    priced.market.value,
+                    priced.usd_per_hour,
+                    priced.offer.accelerator_count,
                 )
-        elif desired < len(live):
-            self.keda_low_since = (
-                self.keda_low_since if self.keda_low_since is not None else self.now
-            )
-            if self.now - self.keda_low_since >= cooldown:
-                for inst in sorted(live, key=lambda i: (len(i.running), -i.launched_at))[
-                    : len(live) - desired
-                ]:
-                    self._drain(inst)
-        else:
-            self.keda_low_since = None
+            return
+        floor = scale_in_floor(recent, self.now, cooldown)
+        if floor < len(live):
+            for inst in sorted(live, key=lambda i: (len(i.running), -i.launched_at))[
+                : len(live) - floor
+            ]:
+                self._drain(inst)
 
     def _planner_tick(self) -> None:
         snap = build_snapshot(

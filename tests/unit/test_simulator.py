@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from fleet.autoscaler.config import parse_config
 from fleet.catalog import default_catalog
 from fleet.cli import main
-from fleet.sim.engine import HOMOGENEOUS_OFFER, simulate
+from fleet.sim.engine import simulate
 from fleet.sim.trace import TraceError, TraceEvent, parse_trace, write_trace
 from fleet.spec import parse_spec
 from fleet.throughput import estimate
@@ -82,24 +82,36 @@ def test_a_missed_deadline_counts_against_slo() -> None:
     assert result.slo_attainment == 0.0
 
 
-def test_homogeneous_runs_everything_on_one_h100_offer() -> None:
-    """Homogeneous: KEDA-like scaling of 8 x H100 boxes; boot + run latency; cooldown before scale-in."""
+def test_homogeneous_is_keda_on_the_cheapest_pool_offer_that_holds_every_task() -> None:
+    """KEDA-like: the L4 pool's g6.xlarge, boot + run latency, 30 s polls, 300 s cooldown."""
     result = simulate(one_task(), CONFIG, CATALOG, "homogeneous")
-    offer = next(
-        o for o in CATALOG.offers if (o.cloud, o.region, o.instance_type) == HOMOGENEOUS_OFFER
-    )
-    family = CATALOG.family("nvidia-h100")
+    family = CATALOG.family("nvidia-l4")
     finish = family.cold_start_s + estimate(parse_spec(CHAT), family, 1).service_s
     assert result.completed == 1
     assert result.p50_latency_s == pytest.approx(finish)
-    # Polls every 30 s; desired drops to 0 at the first poll after the task ends; 300 s cooldown.
-    low_since = math.ceil(finish / 30) * 30
-    end = math.ceil((low_since + 300) / 30) * 30
-    assert result.total_cost_usd == pytest.approx(offer.on_demand_usd_per_hour * end / 3600)
+    assert result.instances_launched == 1
+    # Polls every 30 s; the last poll that sees the task is the last before it ends; the
+    # instance goes at the first poll more than 300 s after that one.
+    last_active = math.floor(finish / 30) * 30
+    end = (math.floor((last_active + 300) / 30) + 1) * 30
+    assert result.total_cost_usd == pytest.approx(L4_PRICE * end / 3600)
 
 
-def test_homogeneous_rejects_what_eight_h100s_cannot_hold() -> None:
-    """A 405B bf16 task (972 GB) cannot run on 8 x H100 (640 GB) and is rejected."""
+def test_homogeneous_sizes_the_fleet_by_what_one_instance_runs_at_once() -> None:
+    """Tasks per instance come from the throughput model (service_s / busy_s streams on one L4)."""
+    trace = [TraceEvent(0.0, parse_spec(CHAT)) for _ in range(100)]
+    family = CATALOG.family("nvidia-l4")
+    est = estimate(parse_spec(CHAT), family, 1)
+    per_instance = math.floor(est.service_s / est.busy_s)
+    result = simulate(trace, CONFIG, CATALOG, "homogeneous")  # KEDA ignores max_instances
+    assert result.completed == 100
+    assert result.instances_launched == math.ceil(100 / per_instance)
+    fixed = simulate(trace, CONFIG, CATALOG, "homogeneous", keda_target=10)
+    assert fixed.instances_launched == 10
+
+
+def test_homogeneous_rejects_what_no_pool_offer_can_hold() -> None:
+    """A 405B bf16 task (972 GB) cannot run on the only pool's one L4 (24 GB) and is rejected."""
     trace = [
         TraceEvent(
             0.0, parse_spec({**CHAT, "model": {"name": "big", "params_b": 405, "dtype": "bf16"}})
