@@ -86,7 +86,7 @@ from fleet.sim.keda import (
     task_devices,
 )
 from fleet.sim.models import Holds, ModelCatalogs, pool_holds
-from fleet.sim.results import SimResult, summarise
+from fleet.sim.results import SimResult, decode_tpot_s, summarise
 from fleet.sim.snapshot import SAMPLE, build_snapshot
 from fleet.sim.state import QueueBook, QueueLoads, SimInstance, SimTask
 from fleet.sim.trace import TraceEvent
@@ -332,6 +332,8 @@ class Simulation:
             return cached[1], cached[2]
         family = self.catalog.families[inst.offer.accelerator]
         est = estimate(task.spec, family, task.devices, inst.offer.vcpus)
+        if task.spec.slo.tpot_ms is not None:  # for the SLO check (fleet.sim.results)
+            task.tpot_s = decode_tpot_s(est, task.spec, family, task.devices, inst.offer.vcpus)
         service = max(est.service_s, 1e-6)
         share = (
             task.devices * min(1.0, est.busy_s / service)

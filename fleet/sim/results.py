@@ -2,8 +2,10 @@
 
 Cost is each instance's hourly price from launch to its end (or the end of the run), plus
 ``stop_s`` for an instance ended by a scale-in decision, plus every API call at list price.
-Latency is end minus arrival of each completed task; a task meets its SLO when it has no
-deadline or finishes within it; ``slo_attainment`` is over all tasks, rejected ones included.
+Latency is end minus arrival of each completed task; a task meets its SLO when it finishes
+within its deadline (if it has one) and, when it has ``slo.tpot_ms``, decoded within that
+time per output token on the chip it ran on (``meets_slo``); ``slo_attainment`` is over
+all tasks, rejected ones included.
 Utilisation per pool is device time busy over device time available after ready.
 """
 
@@ -14,8 +16,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fleet.catalog import Family
 from fleet.sim.apipools import SimApiPool
 from fleet.sim.state import SimInstance, SimTask
+from fleet.spec import TaskSpec
+from fleet.throughput import Estimate, estimate
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,58 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def decode_tpot_s(
+    est: Estimate, spec: TaskSpec, family: Family, devices: int, vcpus: int | None
+) -> float | None:
+    """Seconds per output token of ``spec`` on ``devices`` of ``family``, from its estimate ``est``.
+
+    The throughput model's ``tpot_s`` when its ``Estimate`` has one, not 0 (read with
+    ``getattr`` while the model is being extended); else the wall time less its ``ttft_s``
+    (or less the prefill: the estimate of the same prompt with no output) over the output
+    tokens. None when there is no output.
+    """
+    if spec.tokens_out <= 0:
+        return None
+    # Absent or 0 (an Estimate built without them) means the model did not say.
+    tpot = getattr(est, "tpot_s", None)
+    if tpot:
+        return float(tpot)
+    service = est.service_s
+    ttft = getattr(est, "ttft_s", None)
+    if not ttft:
+        prompt_only = spec.model_copy(update={"tokens_out": 0})
+        ttft = estimate(prompt_only, family, devices, vcpus).service_s
+    return max(0.0, service - float(ttft)) / spec.tokens_out
+
+
+def achieved_tpot_s(task: SimTask) -> float | None:
+    """The time per output token ``task`` decoded at (None: no output tokens).
+
+    ``task.tpot_s`` when the engine set it at start; otherwise (an API call) its whole
+    service time over its output tokens, prefill included: an upper bound.
+    """
+    if task.tpot_s is not None:
+        return task.tpot_s
+    if task.spec.tokens_out > 0:
+        return task.service_s / task.spec.tokens_out
+    return None
+
+
+def meets_slo(task: SimTask) -> bool:
+    """Completed, within its deadline (if any) and its time per output token (if any)."""
+    if task.end is None:
+        return False
+    slo = task.spec.slo
+    if slo.deadline_s is not None and task.end - task.arrival > slo.deadline_s:
+        return False
+    if slo.tpot_ms is not None:
+        tpot = achieved_tpot_s(task)
+        # A relative slack of 1e-9 so that decoding exactly at the goal meets it.
+        if tpot is not None and tpot * 1000.0 > slo.tpot_ms * (1.0 + 1e-9):
+            return False
+    return True
+
+
 def summarise(
     policy: str,
     tasks: Sequence[SimTask],
@@ -79,12 +136,7 @@ def summarise(
         util[inst.pool] = (busy + inst.busy_device_s, total + avail)
     done = [t for t in tasks if t.end is not None]
     latencies = [t.end - t.arrival for t in done if t.end is not None]
-    met = sum(
-        1
-        for t in done
-        if t.end is not None
-        and (t.spec.slo.deadline_s is None or t.end - t.arrival <= t.spec.slo.deadline_s)
-    )
+    met = sum(1 for t in done if meets_slo(t))
     n = len(tasks)
     pools = list(api)
     api_cost = sum(pool.cost_usd for pool in pools)

@@ -49,6 +49,9 @@ class SimTask:
     service_s: float = 0.0
     rejected: str | None = None
     cost: tuple[tuple[str, int | None], float, float] | None = None
+    # Seconds per output token on the chip it starts on (set with ``cost`` when the spec has
+    # ``slo.tpot_ms``; ``fleet.sim.results`` checks it against the goal).
+    tpot_s: float | None = None
 
 
 @dataclass(slots=True)
