@@ -166,6 +166,7 @@ def test_embedding_tokens_are_the_tokenizers(engine):
     assert out.tokens_in == len(st.tokenizer(PAIR[0])["input_ids"]) + 256
     assert out.tokens_out == 0
     assert out.tokens_per_s > 0
+    assert (out.tpot_ms, out.slo_tpot_met) == (None, None)  # embeddings: no generation timing
 
 
 # --- generation ---------------------------------------------------------------------------
@@ -186,6 +187,25 @@ def test_greedy_is_deterministic_and_equals_generate(engine, direct_lm):
     assert first.ttft_s > 0
     assert first.tokens_per_s > 0
     assert first.ttft_s < first.run_s
+    assert 0 < first.tpot_ms < math.inf
+    assert first.slo_tpot_met is None  # no slo.tpot_ms: no verdict
+
+
+@pytest.mark.parametrize(
+    ("goal_ms", "met"),
+    [(60_000, True), (0.001, False)],  # the spec's bounds: 0 < tpot_ms <= 60,000
+    ids=["a goal any run keeps", "a goal no run keeps"],
+)
+def test_tpot_is_measured_and_judged_against_the_slo(engine, goal_ms, met):
+    """tpot_ms is positive and finite; slo_tpot_met appears when slo.tpot_ms is set."""
+    out = engine.run(
+        request("inference", {"prompt": PROMPT}, tokens_out=16, slo={"tpot_ms": goal_ms})
+    )
+    assert out.tokens_out == 16
+    assert 0 < out.tpot_ms < math.inf
+    # decode time per token after the first, within the run
+    assert out.tpot_ms * (out.tokens_out - 1) <= (out.run_s - out.ttft_s) * 1000
+    assert out.slo_tpot_met is met
 
 
 def test_sampling_is_seeded(engine):

@@ -198,12 +198,12 @@ def test_malformed_runtime_data_names_the_key(raw, key):
 # --- requests (pure) ------------------------------------------------------------------------
 
 
-def spec(kind: str, data: Any, tokens_out: int = 0) -> TaskSpec:
-    """A task spec for tiny-llama (inference) or MiniLM (embedding)."""
+def spec(kind: str, data: Any, tokens_out: int = 0, slo: dict[str, Any] | None = None) -> TaskSpec:
+    """A task spec for tiny-llama (inference) or MiniLM (embedding), ``slo`` its goals."""
     entry = builtin_registry().get("tiny-llama" if kind == "inference" else "all-minilm-l6-v2")
     model = {"name": entry.name, "params_b": entry.params_b, "dtype": entry.dtype}
     return TaskSpec.model_validate(
-        {"kind": kind, "model": model, "input": data, "tokens_out": tokens_out}
+        {"kind": kind, "model": model, "input": data, "tokens_out": tokens_out, "slo": slo or {}}
     )
 
 
@@ -452,11 +452,13 @@ def test_a_dead_worker_leaves_no_server(end, tmp_path):
 class TestTinyLlamaServer:
     """One vLLM CPU server on tiny-llama for this class: serve, compare, kill, restart."""
 
-    def request(self, tiny, tokens_out: int = 16, prompt: str = PROMPT) -> EngineRequest:
+    def request(
+        self, tiny, tokens_out: int = 16, prompt: str = PROMPT, slo: dict[str, Any] | None = None
+    ) -> EngineRequest:
         """An inference request for tiny-llama."""
         entry, weights = tiny
         return EngineRequest(
-            spec("inference", {"prompt": prompt}, tokens_out), entry, weights, "t-1"
+            spec("inference", {"prompt": prompt}, tokens_out, slo), entry, weights, "t-1"
         )
 
     def test_ready_when_v1_models_lists_it(self, tiny_engine):
@@ -487,6 +489,17 @@ class TestTinyLlamaServer:
         assert first.output["finish_reason"] == "length"
         assert 0 < first.ttft_s <= first.run_s
         assert first.tokens_per_s > 0
+        assert 0 < first.tpot_ms < math.inf
+        assert first.slo_tpot_met is None  # no slo.tpot_ms: no verdict
+
+    @pytest.mark.parametrize(("goal_ms", "met"), [(60_000, True), (0.001, False)])
+    def test_tpot_is_measured_and_judged_against_the_slo(self, tiny_engine, tiny, goal_ms, met):
+        """tpot_ms (first chunk to stream end) is positive; slo_tpot_met appears with the goal."""
+        out = tiny_engine.run(self.request(tiny, slo={"tpot_ms": goal_ms}))
+        assert out.tokens_out == 16
+        assert 0 < out.tpot_ms < math.inf
+        assert out.tpot_ms * (out.tokens_out - 1) <= (out.run_s - out.ttft_s) * 1000 + 1e-6
+        assert out.slo_tpot_met is met
 
     def test_pool_child_client_reaches_the_server(self, tiny_engine, tiny):
         """A child's client built from child_env() runs the same request over HTTP."""

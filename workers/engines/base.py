@@ -66,6 +66,12 @@ class EngineOutput:
     ``ttft_s`` is the measured time to the first generated token (None where nothing is
     generated); ``tokens_per_s`` the generated (or, for embeddings and training, processed)
     tokens per second of the run.
+
+    Generation (inference) also reports ``tpot_ms``, the measured decode time per output
+    token after the first in milliseconds (``workers.engines.timing``; each engine's
+    docstring says which instants it measures), and, exactly when the spec sets
+    ``slo.tpot_ms``, ``slo_tpot_met`` (``tpot_ms <= slo.tpot_ms``). Both stay None for
+    embeddings and training, and out of ``output``: two runs of one seed give equal outputs.
     """
 
     output: dict[str, JsonValue]
@@ -75,6 +81,8 @@ class EngineOutput:
     ttft_s: float | None = None
     tokens_per_s: float | None = None
     extra: dict[str, JsonValue] = field(default_factory=dict)
+    tpot_ms: float | None = None
+    slo_tpot_met: bool | None = None
 
 
 class Engine(abc.ABC):

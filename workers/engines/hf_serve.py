@@ -20,6 +20,9 @@ Timing is measured, not estimated: a streamer that transformers calls as each to
 the host timestamps the tokens. ``ttft_s`` runs from the start of ``generate`` (tokenizing
 included) to the first generated token; ``tokens_per_s`` is the tokens after the first over
 the time after the first (decode speed), or, with one token, that token over ``ttft_s``.
+``tpot_ms`` (``workers.engines.timing``) is the time from the first generated token's
+arrival to the last one's over the tokens after the first, in ms; ``slo_tpot_met`` compares
+it with ``slo.tpot_ms`` when the spec sets it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 
 from workers.engines.base import EngineOutput
 from workers.engines.inputs import DEFAULT_TOKENS, GenerationPlan
+from workers.engines.timing import token_pace
 from workers.handlers import (
     HandlerError,
     get_texts,
@@ -122,6 +126,7 @@ def generate(
     run_s = time.perf_counter() - t0
     first, last = (clock.stamps[1], clock.stamps[-1]) if len(clock.stamps) > 1 else (t0, t0)
     stopped = bool(ids) and ids[-1] == tokenizer.eos_token_id and len(ids) < max_new
+    pace = token_pace(first, last, len(ids), request.spec.slo.tpot_ms)
     return EngineOutput(
         output={
             "text": tokenizer.decode(ids, skip_special_tokens=True),
@@ -135,6 +140,8 @@ def generate(
         ttft_s=first - t0 if ids else None,
         tokens_per_s=decode_rate(len(ids), first - t0, last - first),
         extra={"device": device, "adapter": plan.adapter, "temperature": plan.temperature},
+        tpot_ms=pace.tpot_ms,
+        slo_tpot_met=pace.slo_tpot_met,
     )
 
 

@@ -38,7 +38,10 @@ guard retries). ``inference``: ``/v1/completions``, streamed, ``temperature`` de
 (greedy), ``max_tokens = spec.tokens_out or 32``, ``seed`` default the CRC-32 of the task
 id, ``return_token_ids``; output ``{"text", "token_ids", "finish_reason", "seed"}``,
 ``ttft_s`` the time to the first streamed chunk and ``tokens_per_s`` the tokens after the
-first over the time after it. ``embedding``: ``/v1/embeddings`` (a pooling model:
+first over the time after it; ``tpot_ms`` (``workers.engines.timing``) the time from the
+first streamed chunk to the end of the stream (both measured by the client: the stream's
+timestamps, not a server figure) over the tokens after the first, and ``slo_tpot_met``
+when the spec sets ``slo.tpot_ms``. ``embedding``: ``/v1/embeddings`` (a pooling model:
 ``runner = "pooling"`` in its engine args); output ``{"embeddings", "dim"}`` rounded to 6
 decimals. Token counts are the server's ``usage``.
 """
@@ -73,6 +76,7 @@ from workers.apiclient import (
 )
 from workers.engines.base import Engine, EngineError, EngineOutput, EngineRequest
 from workers.engines.supervisor import RestartPolicy, ServerSupervisor
+from workers.engines.timing import token_pace
 from workers.engines.vllm_args import (
     build_runtime,
     cold_start_s,
@@ -396,6 +400,11 @@ class VllmEngine(Engine):
             raise EngineError(f"vllm: bad reply from the server: {exc!r}") from exc
 
     def _generate(self, spec: TaskSpec, task_id: str) -> EngineOutput:
+        """One streamed completion. TPOT: first chunk (``ttft_s``) to stream end (``run_s``).
+
+        The closing chunks (finish reason, usage) count as decode time; a stream without a
+        first-chunk time counts from the request's start (an upper bound).
+        """
         t0 = time.perf_counter()
         request, seed = completion_request(spec, task_id, str(self._served))
         done = self._call(request, estimate_tokens(spec, request))
@@ -407,6 +416,7 @@ class VllmEngine(Engine):
             rate = (done.tokens_out - 1) / (run_s - ttft)
         else:
             rate = done.tokens_out / run_s if run_s > 0 else 0.0
+        pace = token_pace(ttft or 0.0, run_s, done.tokens_out, spec.slo.tpot_ms)
         ids: list[JsonValue] = list(done.token_ids or ())
         output: dict[str, JsonValue] = {
             "text": done.text,
@@ -414,7 +424,10 @@ class VllmEngine(Engine):
             "finish_reason": done.finish_reason,
             "seed": seed,
         }
-        return EngineOutput(output, done.tokens_in, done.tokens_out, run_s, ttft, rate)
+        return EngineOutput(
+            output, done.tokens_in, done.tokens_out, run_s, ttft, rate,
+            tpot_ms=pace.tpot_ms, slo_tpot_met=pace.slo_tpot_met,
+        )  # fmt: skip
 
     def _embed(self, spec: TaskSpec) -> EngineOutput:
         t0 = time.perf_counter()
