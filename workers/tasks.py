@@ -299,6 +299,8 @@ def _run_engine(
         },
         "ttft_s": made.ttft_s,
         "tokens_per_s": made.tokens_per_s,
+        "tpot_ms": made.tpot_ms,
+        **({} if made.slo_tpot_met is None else {"slo_tpot_met": made.slo_tpot_met}),
         "device": state.device,
         "engine_run_s": made.run_s,
     }

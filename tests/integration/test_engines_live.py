@@ -136,13 +136,16 @@ def test_generation_is_real_greedy_and_repeatable(stack: Stack) -> None:
         "requirements": CPU,
     }
     first = submit(stack, spec)
-    second = submit(stack, spec)
-    assert first["queue"] == "inference.cpu@tiny-llama"
+    second = submit(stack, {**spec, "slo": {"tpot_ms": 60_000}})  # a goal any CPU meets
+    assert first["queue"] == second["queue"] == "inference.cpu@tiny-llama"
     assert first["output"]["token_ids"] == second["output"]["token_ids"]
     assert first["output"]["text"] == second["output"]["text"]
     assert first["tokens"]["out"] == 12
     assert first["ttft_s"] > 0
     assert first["tokens_per_s"] > 0
+    assert 0 < first["tpot_ms"] < math.inf
+    assert "slo_tpot_met" not in first  # no per-token goal, no verdict
+    assert second["slo_tpot_met"] is True
     assert first["model"]["pretrained"] is False
     assert "RANDOM WEIGHTS" in first["model"]["note"]
     assert first["emulated"] is False  # a real CPU runs it
