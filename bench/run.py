@@ -10,6 +10,8 @@
 * engines: real engines through a ``fleet worker`` vs the same engine called directly, and
   start-to-ready per engine (``bench.engines_bench``). Target: >= 0.90x.
 * traces: the trace x policy table through the simulator (``bench.sim_bench``).
+* melange: the Mélange reproduction, fleet's GPU mix vs the best single type per workload,
+  TPOT goal and rate (``bench.melange``; about 10-15 minutes on 2 cores).
 
 Runs on a private Redis started for the purpose (``FLEET_BENCH_BROKER_URL`` overrides).
 ``--only submit,worker`` runs some parts (``PARTS``); results are printed and written to
@@ -31,11 +33,19 @@ from typing import Any
 
 import redis
 
-from bench import engines_bench, plan_bench, reaction, sim_bench, submit_bench, worker_bench
+from bench import (
+    engines_bench,
+    melange,
+    plan_bench,
+    reaction,
+    sim_bench,
+    submit_bench,
+    worker_bench,
+)
 from fleet.embedded import embedded_redis
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
-PARTS = ("submit", "worker", "reaction", "engines", "plan", "traces")
+PARTS = ("submit", "worker", "reaction", "engines", "plan", "traces", "melange")
 
 
 @contextmanager
@@ -67,6 +77,8 @@ def run_parts(parts: tuple[str, ...]) -> dict[str, Any]:
         out["plan"] = plan_bench.run()
     if "traces" in parts:
         out["traces"] = sim_bench.run()
+    if "melange" in parts:
+        out["melange"] = melange.run()
     return out
 
 
@@ -96,6 +108,9 @@ def print_tables(out: dict[str, Any]) -> None:
     if "engines" in out:
         print()
         engines_bench.print_table(out["engines"])
+    if "melange" in out:
+        print()
+        melange.print_table(out["melange"])
 
 
 def main(argv: list[str] | None = None) -> int:
