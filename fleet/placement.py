@@ -110,6 +110,7 @@ class Candidate:
     api: ApiOffer | None = None  # set for a token-priced API pool
     model: str | None = None  # the registry model whose queue it is (None: the plain queue)
     load_s: float = 0.0  # reading that model's weights, on top of the cold start
+    tpot_s: float = 0.0  # time per output token at the server's batch (0: not generation)
 
     @property
     def boot_s(self) -> float:
@@ -286,6 +287,7 @@ def _best_offer(
                     busy_s=est.busy_s,
                     cost_usd=cost,
                     cold_start_s=family.cold_start_s,
+                    tpot_s=est.tpot_s,
                 )
     if best is None and fit_reasons:
         # The most informative reason is the largest offer's: it shows the gap.
@@ -300,7 +302,10 @@ Analysis = tuple[float, tuple[Candidate, ...], tuple[Rejection, ...]]
 
 
 def _shape(spec: TaskSpec) -> tuple[Any, ...]:
-    """The fields placement analysis depends on (not inputs, keys or priority)."""
+    """The fields placement analysis depends on (not inputs, keys or priority).
+
+    The SLO is among them: the throughput model sizes a server's batch to its goals.
+    """
     return (
         spec.kind,
         spec.model,
@@ -308,6 +313,7 @@ def _shape(spec: TaskSpec) -> tuple[Any, ...]:
         spec.tokens_out,
         spec.requirements,
         spec.method,
+        spec.slo,
     )
 
 
@@ -465,20 +471,30 @@ def _feasible(
     namespace: str,
     rejected: list[Rejection],
 ) -> tuple[list[Option], list[Option]]:
-    """Candidates within budget and deadline, and those that miss it only by waiting.
+    """Candidates within budget, deadline and ``slo.tpot_ms``, and those that miss only by waiting.
 
     Returns ``(feasible, at_risk)``, each ``(candidate, queue, expected wait, boot cost)``.
-    A candidate whose run alone exceeds the deadline is rejected outright.
+    A candidate whose run alone exceeds the deadline is rejected outright, as is one whose
+    time per output token, even at batch 1, is above ``slo.tpot_ms``.
     """
     feasible: list[Option] = []
     at_risk: list[Option] = []
     deadline = spec.slo.deadline_s
     budget = spec.budget.max_usd
+    tpot_ms = spec.slo.tpot_ms
     for c in candidates:
         queue = queue_name(spec.kind, c.accelerator, c.devices, namespace, c.model)
         wait = _wait_s(c, queue, loads)
         boot = _boot_cost_usd(c, queue, loads)
-        if budget is not None and c.cost_usd > budget:
+        if tpot_ms is not None and c.tpot_s * 1000.0 > tpot_ms:
+            ms = c.tpot_s * 1000.0
+            shown = f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"  # noqa: PLR2004 - 3 digits
+            rejected.append(
+                Rejection(
+                    c.accelerator, f"misses slo.tpot_ms: {shown} ms per token > {tpot_ms:g} ms"
+                )
+            )
+        elif budget is not None and c.cost_usd > budget:
             rejected.append(
                 Rejection(
                     c.accelerator, f"estimated ${c.cost_usd:.6g} over budget.max_usd ${budget:g}"

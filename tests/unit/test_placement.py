@@ -247,6 +247,28 @@ def test_impossible_deadline_raises_mentioning_deadline():
     assert "misses deadline" in reasons_by_family(info.value.rejected)["nvidia-h200"]
 
 
+def test_tpot_goal_rejects_a_family_too_slow_even_at_batch_1():
+    """A chip whose single stream misses slo.tpot_ms is rejected, naming both numbers."""
+    spec = make_spec("inference", 6.74, "fp16", tokens_in=100, tokens_out=200, slo={"tpot_ms": 40})
+    est = estimate(spec, CATALOG.family("nvidia-l4"), 1)
+    assert est.batch == 1
+    assert est.tpot_s > 0.040  # 13.5 GB of weights over 300 GB/s x decode_efficiency
+    p = place(spec, CATALOG)
+    why = reasons_by_family(p.rejected)["nvidia-l4"]
+    assert why == f"misses slo.tpot_ms: {est.tpot_s * 1000:.3g} ms per token > 40 ms"
+    assert p.accelerator != "nvidia-l4"
+    assert estimate(spec, CATALOG.family(p.accelerator), p.devices).tpot_s <= 0.040
+
+
+def test_tpot_goal_nobody_meets_raises_mentioning_tpot():
+    """When no family decodes fast enough, the error lists the tpot misses."""
+    spec = make_spec("inference", 70, "bf16", tokens_in=100, tokens_out=100, slo={"tpot_ms": 0.5})
+    with pytest.raises(NoPlacementError) as info:
+        place(spec, CATALOG)
+    reasons = reasons_by_family(info.value.rejected)
+    assert "misses slo.tpot_ms" in reasons["nvidia-h200"]
+
+
 def test_deadline_is_met_by_the_choice():
     """With no loads, the chosen family's run time is within the deadline."""
     spec = make_spec(
@@ -266,7 +288,10 @@ def test_deadline_changes_the_choice():
     assert tight.accelerator != relaxed.accelerator
     assert tight.estimated_duration_s <= deadline
     assert tight.estimated_cost_usd >= relaxed.estimated_cost_usd
-    assert "misses deadline" in reasons_by_family(tight.rejected)[relaxed.accelerator]
+    # The relaxed choice either misses the deadline even at batch 1, or meets it with a
+    # smaller batch that then costs more than the chosen family.
+    why = reasons_by_family(tight.rejected)[relaxed.accelerator]
+    assert "misses deadline" in why or why.startswith("costlier")
 
 
 # ---------------------------------------------------------------------------------- loads

@@ -88,16 +88,20 @@ def test_short_call_without_deadline_still_avoids_paying_for_a_gpu_to_boot():
 
 
 def test_long_generation_with_warm_gpus_goes_to_self_hosted_capacity():
-    """8B, 2,000 in / 20,000 out, loose deadline, warm GPU queues: a chip is cheaper per token."""
-    s = spec(tokens_in=2000, tokens_out=20_000, slo={"deadline_s": 3600})
+    """8B, 500 in / 4,000 out, loose deadline, warm GPU queues: a chip is cheaper per token.
+
+    (At 2,000 in / 20,000 out an 80 GB chip holds only 19 such KV caches, and the cheapest
+    API is cheaper: the throughput model limits a server's batch by its KV cache.)
+    """
+    s = spec(tokens_in=500, tokens_out=4000, slo={"deadline_s": 3600})
     p = place(s, ROUTED, WARM_CHIPS)
     assert p.api is None
     assert not p.accelerator.startswith("api-")
-    cheapest_api = min(o.cost_usd(2000, 20_000) for o in ROUTED.apis if o.serves("llama-3.1-8b"))
+    cheapest_api = min(o.cost_usd(500, 4000) for o in ROUTED.apis if o.serves("llama-3.1-8b"))
     assert p.estimated_cost_usd < cheapest_api
     why = reasons(p)
     assert "costlier" in why["api-groq"]
-    assert "context of 8,192" in why["api-cerebras"]
+    assert "costlier" in why["api-cerebras"]
 
 
 def test_the_same_long_generation_on_cold_gpus_with_a_deadline_goes_to_an_api():
