@@ -18,8 +18,11 @@ KEDA on the length of one queue. The rules, each a pure function here:
   of the instance's devices (``fleet.throughput.estimate``: a batching server overlaps
   about ``service_s / busy_s`` streams per device; compute-bound work fills whole
   devices), so an instance of ``D`` devices holds ``D / share`` of them. The target is
-  that number for the trace's typical task (the lower median over the tasks the offer
-  holds), rounded down, at least 1: a real operator sets one number for the Deployment.
+  that number for the trace's typical task, the one of average share over the tasks the
+  offer holds (the harmonic mean of the ``D / share``), rounded down, at least 1: a real
+  operator sets one number for the Deployment, and at this one a full instance of the
+  trace's mix uses all its devices. (The median task would overload it when a minority
+  of the tasks, 70B calls among 8B chats, take most of the devices.)
 * **Scaling** (``desired_replicas``, ``scale_in_floor``): every ``polling_s`` (KEDA's
   default, 30 s) the desired count is ``ceil((waiting + running) / target)``, capped at
   ``maxReplicaCount`` (100); scale-out to it at once. Scale-in goes to the largest desired
@@ -116,11 +119,17 @@ def concurrency(spec: TaskSpec, offer: Offer, family: Family) -> float | None:
 
 
 def target_per_instance(concurrencies: Iterable[float]) -> int:
-    """KEDA's target for one instance: the lower median of ``concurrencies``, rounded down, >= 1."""
-    values = sorted(concurrencies)
+    """KEDA's target for one instance: the harmonic mean of ``concurrencies``, rounded down, >= 1.
+
+    ``concurrencies`` are ``D / share`` per task (``concurrency``); their harmonic mean is
+    ``D`` over the average share, what one instance runs at once of the trace's mix. A
+    tiny epsilon keeps float noise (``4 / (4 / 3)``) from rounding a whole number down.
+    """
+    values = [v for v in concurrencies if v > 0]
     if not values:
         return 1
-    return max(1, math.floor(values[(len(values) - 1) // 2]))
+    mean = len(values) / sum(1.0 / v for v in values)
+    return max(1, math.floor(mean + 1e-9))
 
 
 def desired_replicas(queue_length: int, target: int, maximum: int) -> int:

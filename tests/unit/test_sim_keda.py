@@ -68,14 +68,15 @@ def test_desired_replicas_is_kedas_queue_length_rule(
         ([], 1),
         ([0.3], 1),  # never below one task per instance
         ([43.9], 43),  # rounded down: KEDA takes an integer target
-        ([2.0, 50.0, 60.0], 50),  # the median task, not the mean
-        ([2.0, 3.0, 50.0, 60.0], 3),  # the lower median: a value some task has
+        ([40.0, 40.0, 40.0], 40),
+        ([60.0] * 5 + [6.0], 24),  # shares 5 x 1/60 + 1/6 = 1/4 over 6 tasks: 1/24 each
+        ([3.0, 3.0 / 2.0], 2),  # 2 / (1/3 + 2/3) exactly, not 1.999...
     ],
 )
-def test_target_per_instance_is_the_lower_median_rounded_down(
+def test_target_per_instance_is_one_instance_of_the_average_share(
     values: list[float], want: int
 ) -> None:
-    """The typical task's concurrency sets the target."""
+    """The target is devices over the mean share: the harmonic mean, rounded down."""
     assert target_per_instance(values) == want
 
 
