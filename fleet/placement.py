@@ -556,12 +556,19 @@ def place(
     if not feasible and at_risk:
         # Every queue is cold or busy, but the work itself fits the deadline somewhere:
         # refusing would make a fleet scaled to zero refuse all deadline-bound work.
-        feasible = [min(at_risk, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd))]
+        # When every one is cold, the cheapest is woken: each task picking its own fastest
+        # family would wake every family at once. A warm but busy queue: the earliest finish.
+        if all(f[3] > 0 for f in at_risk):
+            feasible = [min(at_risk, key=lambda f: (f[0].cost_usd + f[3], f[2] + f[0].service_s))]
+            how = "every queue cold; woke the cheapest"
+        else:
+            feasible = [min(at_risk, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd))]
+            how = "cold or busy; chose the earliest expected finish"
         rejected = [r for r in rejected if r.accelerator != feasible[0][0].accelerator]
         policy_used = Policy.FASTEST
         risk_note = (
             f"deadline at risk: no queue is expected to finish within {spec.slo.deadline_s:g} s"
-            " (cold or busy); chose the earliest expected finish"
+            f" ({how})"
         )
     else:
         policy_used = policy

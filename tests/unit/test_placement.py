@@ -374,15 +374,28 @@ def test_loads_are_read_by_namespaced_queue_name():
 
 
 def test_cold_fleet_still_places_deadline_work_flagged_at_risk():
-    """When every queue is cold but the work itself fits the deadline, choose the earliest finish, at risk."""
+    """When every queue is cold but the work fits the deadline, wake the cheapest family, at risk.
+
+    Choosing each task's earliest finish instead would wake a different family per task
+    size; every cold deadline-bound task now goes to the same, cheapest one.
+    """
     spec = make_spec(**CHAT_8B)
     cold = {q: QueueLoad(0, 0) for q in QUEUES}
     p = place(spec, CATALOG, loads=cold)
     assert p.deadline_at_risk
-    assert "deadline at risk" in p.reasons[0]
+    assert "deadline at risk" in p.reasons[0] and "woke the cheapest" in p.reasons[0]
     assert p.estimated_duration_s <= 30
     assert p.estimated_wait_s == CATALOG.family(p.accelerator).cold_start_s
     assert {r.accelerator for r in p.rejected} == FAMILIES - {p.accelerator}
+
+
+def test_a_busy_warm_queue_at_risk_takes_the_earliest_finish():
+    """When a warm queue is only busy (no boot), the at-risk choice is the earliest finish."""
+    spec = make_spec(**CHAT_8B)
+    loads = {q: QueueLoad(0, 0) for q in QUEUES} | {"inference.nvidia-h100": QueueLoad(10_000, 1)}
+    p = place(spec, CATALOG, loads=loads)
+    assert p.deadline_at_risk
+    assert "earliest expected finish" in p.reasons[0]
 
 
 # --------------------------------------------------------------------------------- policies
