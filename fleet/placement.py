@@ -514,6 +514,20 @@ def _feasible(
     return feasible, at_risk
 
 
+def _at_risk_choice(at_risk: list[Option]) -> tuple[list[Option], str]:
+    """The one candidate to take when every queue misses the deadline by waiting, and why.
+
+    When every one is cold, the cheapest (task plus boot) is woken: each task picking its
+    own fastest family would wake every family at once. When a warm queue is only busy,
+    the earliest expected finish.
+    """
+    if all(f[3] > 0 for f in at_risk):
+        cheapest = min(at_risk, key=lambda f: (f[0].cost_usd + f[3], f[2] + f[0].service_s))
+        return [cheapest], "every queue cold; woke the cheapest"
+    earliest = min(at_risk, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd))
+    return [earliest], "cold or busy; chose the earliest expected finish"
+
+
 def place(
     spec: TaskSpec,
     catalog: Catalog,
@@ -556,14 +570,7 @@ def place(
     if not feasible and at_risk:
         # Every queue is cold or busy, but the work itself fits the deadline somewhere:
         # refusing would make a fleet scaled to zero refuse all deadline-bound work.
-        # When every one is cold, the cheapest is woken: each task picking its own fastest
-        # family would wake every family at once. A warm but busy queue: the earliest finish.
-        if all(f[3] > 0 for f in at_risk):
-            feasible = [min(at_risk, key=lambda f: (f[0].cost_usd + f[3], f[2] + f[0].service_s))]
-            how = "every queue cold; woke the cheapest"
-        else:
-            feasible = [min(at_risk, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd))]
-            how = "cold or busy; chose the earliest expected finish"
+        feasible, how = _at_risk_choice(at_risk)
         rejected = [r for r in rejected if r.accelerator != feasible[0][0].accelerator]
         policy_used = Policy.FASTEST
         risk_note = (

@@ -383,7 +383,8 @@ def test_cold_fleet_still_places_deadline_work_flagged_at_risk():
     cold = {q: QueueLoad(0, 0) for q in QUEUES}
     p = place(spec, CATALOG, loads=cold)
     assert p.deadline_at_risk
-    assert "deadline at risk" in p.reasons[0] and "woke the cheapest" in p.reasons[0]
+    assert "deadline at risk" in p.reasons[0]
+    assert "woke the cheapest" in p.reasons[0]
     assert p.estimated_duration_s <= 30
     assert p.estimated_wait_s == CATALOG.family(p.accelerator).cold_start_s
     assert {r.accelerator for r in p.rejected} == FAMILIES - {p.accelerator}
