@@ -54,7 +54,7 @@ from fleet.modelfit import context_problem, engine_problem, served_entry, warmth
 from fleet.models.registry import ModelRegistry
 from fleet.queues import queue_name
 from fleet.spec import TaskSpec
-from fleet.throughput import estimate
+from fleet.throughput import TARGET_UTILISATION, estimate
 
 
 class Policy(StrEnum):
@@ -71,6 +71,39 @@ class QueueLoad:
 
     depth: int = 0
     consumers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """Recent arrivals like a task: ``rate_per_s`` of its model and kind, of a typical size.
+
+    ``tokens_in`` and ``tokens_out`` are the traffic's means: the instances it needs on a
+    chip are sized from a typical task's device time there, so a rare long request does
+    not size them by itself.
+    """
+
+    rate_per_s: float
+    tokens_in: int
+    tokens_out: int
+
+    @classmethod
+    def of(cls, rate_per_s: float | None, mean: tuple[float, ...] | None) -> Traffic | None:
+        """From a meter's rate and mean ``(tokens_in, tokens_out)`` (None: no traffic known).
+
+        The means are rounded to two significant digits so that placement's per-shape
+        cache keeps hitting while they drift.
+        """
+        if rate_per_s is None or rate_per_s <= 0 or not mean:
+            return None
+        tokens_in, tokens_out = (_two_digits(x) for x in mean[:2])
+        return cls(rate_per_s, tokens_in, tokens_out)
+
+
+def _two_digits(x: float) -> int:
+    """``x`` rounded to two significant digits, as an int (0 stays 0)."""
+    if x < 1:
+        return 0
+    return int(round(x, 1 - math.floor(math.log10(x))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +329,11 @@ def _best_offer(
 
 
 _MEMO_LIMIT = 4096
-# (candidate, queue, expected wait in seconds, cost of booting a cold queue's instance)
-Option = tuple[Candidate, str, float, float]
+CONSOLIDATE = 1.15  # a warmer queue within 15% of the cheapest takes the task
+BOOT_SHARED_S = 300.0  # with an arrival rate, a boot is shared by the tasks of this long
+# (candidate, queue, expected wait in seconds, cost of booting a cold queue's instance,
+#  the idle share a task pays at the arrival rate)
+Option = tuple[Candidate, str, float, float, float]
 Analysis = tuple[float, tuple[Candidate, ...], tuple[Rejection, ...]]
 
 
@@ -371,23 +407,33 @@ def _wait_s(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> 
     if c.api is not None:
         return api_wait_s(c.busy_s, load.depth, load.consumers)
     if load.consumers <= 0:
-        return c.boot_s + load.depth * c.busy_s
+        # The planner buys enough instances to drain a cold queue's backlog within its
+        # drain target, so the backlog adds at most about one more boot's time, not all of
+        # it on one instance.
+        return c.boot_s + min(load.depth * c.busy_s, c.boot_s)
     # A consumer works through its backlog at device-time speed: a batching server
     # overlaps generation streams, so queued work waits busy_s each, not service_s.
     return load.depth * c.busy_s / load.consumers
 
 
-def _boot_cost_usd(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> float:
+def _boot_cost_usd(
+    c: Candidate,
+    queue: str,
+    loads: Mapping[str, QueueLoad] | None,
+    rate_per_s: float | None = None,
+) -> float:
     """What booting an instance for a queue with no consumer costs this task.
 
     The whole instance is paid for the family's cold start and the model's load; the
-    tasks already waiting on that queue share it. Zero for API pools, warm queues and
-    unknown loads.
+    tasks already waiting on that queue share it, and, with an arrival rate, the tasks
+    like it expected over the next ``BOOT_SHARED_S`` (the instance goes on serving them).
+    Zero for API pools, warm queues and unknown loads.
     """
     if not _cold(c, queue, loads):
         return 0.0
     depth = loads[queue].depth if loads is not None else 0
-    return c.offer.usd_per_hour * c.boot_s / 3600.0 / (depth + 1)
+    coming = (rate_per_s or 0.0) * BOOT_SHARED_S
+    return c.offer.usd_per_hour * c.boot_s / 3600.0 / (depth + 1 + coming)
 
 
 def _cold(c: Candidate, queue: str, loads: Mapping[str, QueueLoad] | None) -> bool:
@@ -470,10 +516,13 @@ def _feasible(
     loads: Mapping[str, QueueLoad] | None,
     namespace: str,
     rejected: list[Rejection],
+    traffic: Traffic | None = None,
+    typical: Mapping[str, float] | None = None,
 ) -> tuple[list[Option], list[Option]]:
     """Candidates within budget, deadline and ``slo.tpot_ms``, and those that miss only by waiting.
 
-    Returns ``(feasible, at_risk)``, each ``(candidate, queue, expected wait, boot cost)``.
+    Returns ``(feasible, at_risk)``, each ``(candidate, queue, expected wait, boot cost,
+    idle share at the arrival rate)``.
     A candidate whose run alone exceeds the deadline is rejected outright, as is one whose
     time per output token, even at batch 1, is above ``slo.tpot_ms``.
     """
@@ -485,7 +534,8 @@ def _feasible(
     for c in candidates:
         queue = queue_name(spec.kind, c.accelerator, c.devices, namespace, c.model)
         wait = _wait_s(c, queue, loads)
-        boot = _boot_cost_usd(c, queue, loads)
+        boot = _boot_cost_usd(c, queue, loads, traffic.rate_per_s if traffic else None)
+        idle = _idle_usd(c, traffic, (typical or {}).get(c.accelerator))
         if tpot_ms is not None and c.tpot_s * 1000.0 > tpot_ms:
             ms = c.tpot_s * 1000.0
             shown = f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"  # noqa: PLR2004 - 3 digits
@@ -502,7 +552,7 @@ def _feasible(
             )
         elif deadline is not None and wait + c.service_s > deadline:
             if c.service_s <= deadline:
-                at_risk.append((c, queue, wait, boot))
+                at_risk.append((c, queue, wait, boot, idle))
             rejected.append(
                 Rejection(
                     c.accelerator,
@@ -510,8 +560,81 @@ def _feasible(
                 )
             )
         else:
-            feasible.append((c, queue, wait, boot))
+            feasible.append((c, queue, wait, boot, idle))
     return feasible, at_risk
+
+
+def _idle_usd(c: Candidate, traffic: Traffic | None, typical_busy_s: float | None) -> float:
+    """The idle part of the instances this task's traffic needs, per task (0 without one).
+
+    Charged on warm queues too: pricing each task at what its whole traffic costs on a
+    chip sends that traffic to one chip and lets the others scale to zero, where pricing
+    a warm pool's spare capacity as free keeps every pool that ever woke alive on a
+    trickle (measured on the Mélange workloads). The traffic (``rate_per_s`` tasks of this model and kind, each taking
+    ``typical_busy_s`` of device time on this chip) keeps ``load = rate x
+    instance-seconds per typical task`` instances busy; the planner buys
+    ``ceil(load / TARGET_UTILISATION)`` (at least one), so each task's device-time share
+    is paid at that utilisation: ``share x (bought / load - 1)`` is the idle part. API pools
+    are billed per token, and per-vCPU offers are not sized this way: no idle part.
+    """
+    if traffic is None or typical_busy_s is None or c.api is not None:
+        return 0.0
+    count = c.offer.accelerator_count
+    if count <= 0:
+        return 0.0
+    whole = 1.0 if c.devices >= count else c.devices / count
+    load = traffic.rate_per_s * typical_busy_s * whole  # instances busy
+    if load <= 0:
+        return 0.0
+    bought = max(1, math.ceil(load / TARGET_UTILISATION - 1e-9))
+    return c.cost_usd * max(0.0, bought / load - 1.0)
+
+
+def _typical_busy(spec: TaskSpec, catalog: Catalog, traffic: Traffic | None) -> dict[str, float]:
+    """``{accelerator: device time}`` of the traffic's typical task (``spec`` at its means)."""
+    if traffic is None:
+        return {}
+    typical = spec.model_copy(
+        update={"tokens_in": traffic.tokens_in, "tokens_out": traffic.tokens_out}
+    )
+    return {c.accelerator: c.busy_s for c in _analyse(typical, catalog)[1]}
+
+
+def _consolidated(feasible: list[Option], loads: Mapping[str, QueueLoad] | None) -> Option:
+    """The cheapest option, or, within ``CONSOLIDATE`` of it, the one with the most consumers.
+
+    Two chips nearly as cheap would otherwise split one traffic into two pools, each
+    rounded up to whole instances and each kept alive by a trickle of work.
+    """
+    cheapest = min(feasible, key=lambda f: (_ranked(f), f[2] + f[0].service_s))
+    if loads is None:
+        return cheapest
+    limit = _ranked(cheapest) * CONSOLIDATE
+
+    def consumers(f: Option) -> int:
+        load = loads.get(f[1])
+        return load.consumers if load is not None else 0
+
+    near = [f for f in feasible if _ranked(f) <= limit and f[0].api is None]
+    if not near or consumers(cheapest) >= max(consumers(f) for f in near):
+        return cheapest
+    return max(near, key=lambda f: (consumers(f), -_ranked(f)))
+
+
+def _ranked(option: Option) -> float:
+    """What the ``cost`` policy ranks by: the task's share, boot and idle parts."""
+    return option[0].cost_usd + option[3] + option[4]
+
+
+def _extras(option: Option, traffic: Traffic | None) -> str:
+    """The boot and idle parts of a ranked cost, for reasons ("" when both are zero)."""
+    c, _, _, boot, idle = option
+    parts = [f"task ${c.cost_usd:.6g}"]
+    if boot:
+        parts.append(f"${boot:.6g} to boot a cold instance")
+    if idle and traffic is not None:
+        parts.append(f"${idle:.6g} idle at {traffic.rate_per_s:.3g} tasks/s")
+    return f" ({' + '.join(parts)})" if len(parts) > 1 else ""
 
 
 def _at_risk_choice(at_risk: list[Option]) -> tuple[list[Option], str]:
@@ -522,7 +645,7 @@ def _at_risk_choice(at_risk: list[Option]) -> tuple[list[Option], str]:
     the earliest expected finish.
     """
     if all(f[3] > 0 for f in at_risk):
-        cheapest = min(at_risk, key=lambda f: (f[0].cost_usd + f[3], f[2] + f[0].service_s))
+        cheapest = min(at_risk, key=lambda f: (_ranked(f), f[2] + f[0].service_s))
         return [cheapest], "every queue cold; woke the cheapest"
     earliest = min(at_risk, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd))
     return [earliest], "cold or busy; chose the earliest expected finish"
@@ -537,6 +660,7 @@ def place(
     namespace: str = "",
     *,
     models: ModelRegistry | None = None,
+    traffic: Traffic | None = None,
 ) -> Placement:
     """Choose where ``spec`` runs.
 
@@ -551,6 +675,10 @@ def place(
         namespace: queue-name prefix.
         models: the model registry; None places every task on its plain queue. With it, a
             task the registry serves goes to its model's queue (see the module docstring).
+        traffic: the recent traffic of this task's model and kind (``fleet.rates``); the
+            ``cost`` policy then ranks each chip by what the task costs on the whole
+            instances that traffic needs (idle part included) and shares a cold queue's
+            boot with the tasks expected. None: the task's own share only.
 
     Raises:
         ContextError: an inference request longer than its registry model's context.
@@ -565,7 +693,8 @@ def place(
     if policy is Policy.PINNED:
         candidates = _pinned(spec, catalog, candidates, pin, rejected)
 
-    feasible, at_risk = _feasible(spec, candidates, loads, namespace, rejected)
+    typical = _typical_busy(spec, catalog, traffic)
+    feasible, at_risk = _feasible(spec, candidates, loads, namespace, rejected, traffic, typical)
     risk_note = ""
     if not feasible and at_risk:
         # Every queue is cold or busy, but the work itself fits the deadline somewhere:
@@ -583,18 +712,15 @@ def place(
         raise NoPlacementError(tuple(sorted(rejected, key=lambda r: r.accelerator)))
 
     if policy_used is Policy.FASTEST:
-        chosen, queue, wait, boot = min(
-            feasible, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd)
-        )
+        best = min(feasible, key=lambda f: (f[2] + f[0].service_s, f[0].cost_usd))
+        chosen, queue, wait, boot, _ = best
         why = f"fastest: expected finish {wait + chosen.service_s:,.3g} s"
     else:
-        chosen, queue, wait, boot = min(
-            feasible, key=lambda f: (f[0].cost_usd + f[3], f[2] + f[0].service_s)
-        )
-        why = f"cheapest that meets the deadline: ${chosen.cost_usd + boot:.6g}" + (
-            f" (task ${chosen.cost_usd:.6g} + ${boot:.6g} to boot a cold instance)" if boot else ""
-        )
-    for c, _, w, b in feasible:
+        best = _consolidated(feasible, loads)
+        chosen, queue, wait, boot, _ = best
+        why = f"cheapest that meets the deadline: ${_ranked(best):.6g}" + _extras(best, traffic)
+    for option in feasible:
+        c, _, w, _, _ = option
         if c is chosen:
             continue
         if policy_used is Policy.FASTEST:
@@ -602,11 +728,11 @@ def place(
                 Rejection(c.accelerator, f"slower: expected finish {w + c.service_s:,.3g} s")
             )
         else:
-            booting = f" (incl. ${b:.6g} to boot a cold instance)" if b else ""
             rejected.append(
                 Rejection(
                     c.accelerator,
-                    f"costlier: ${c.cost_usd + b:.6g}{booting} vs ${chosen.cost_usd + boot:.6g}",
+                    f"costlier: ${_ranked(option):.6g}{_extras(option, traffic)}"
+                    f" vs ${_ranked(best):.6g}",
                 )
             )
     cold = _cold(chosen, queue, loads)

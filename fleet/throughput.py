@@ -88,6 +88,9 @@ def kv_bytes_per_token(model: ModelRef) -> float:
     return kib * _KIB * _kv_dtype_bytes(model.dtype) / 2.0
 
 
+TARGET_UTILISATION = 0.8  # devices busy over devices bought at steady load (planner, placement)
+
+
 @dataclass(frozen=True, slots=True)
 class Estimate:
     """``service_s``: wall time of the task once started; ``busy_s``: device time it uses.

@@ -32,10 +32,10 @@ from fleet.autoscaler.model import OfferRef, QueueObservation, Unsatisfiable
 from fleet.catalog import Catalog, Offer
 from fleet.queues import parse_queue
 from fleet.spec import TaskKind
+from fleet.throughput import TARGET_UTILISATION
 
 CPU = "cpu"
 EPS = 1e-9
-TARGET_UTILISATION = 0.8  # devices busy over devices bought, at steady load
 Z = 2.0  # standard deviations of in-flight noise kept as headroom
 
 DEFAULT_SERVICE_S: dict[TaskKind, float] = {

@@ -23,7 +23,7 @@ from fleet.autoscaler.actuator import ActReport, Actuator
 from fleet.autoscaler.config import AutoscalerConfig
 from fleet.autoscaler.lock import Lease
 from fleet.autoscaler.model import Plan, PoolHistory, Snapshot
-from fleet.autoscaler.observe import carry_samples, observe
+from fleet.autoscaler.observe import carry_samples, observe, smooth_load
 from fleet.autoscaler.planner import busy_pools
 from fleet.autoscaler.planner import plan as make_plan
 from fleet.catalog import Catalog
@@ -141,6 +141,7 @@ class Autoscaler:
         self.actuator = Actuator(self.config, self.providers, app)
         self.history: dict[str, PoolHistory] = {}
         self.samples: dict[str, tuple[float, float]] = {}  # last head sample per queue
+        self.loads: dict[str, tuple[float, float]] = {}  # smoothed running load per queue
 
     def step(self, *, dry_run: bool = False, now: float | None = None) -> StepReport:
         """One pass of the loop."""
@@ -159,7 +160,9 @@ class Autoscaler:
             history=self.history,
             models=self.config.registry,
         )
-        snapshot = replace(snapshot, queues=carry_samples(snapshot.queues, self.samples))
+        queues = carry_samples(snapshot.queues, self.samples)
+        queues = smooth_load(queues, self.loads, now, self.config.fleet.namespace)
+        snapshot = replace(snapshot, queues=queues)
         decided = make_plan(snapshot, self.config, self.catalog, now)
         acted = None if dry_run else self.actuator.act(decided, snapshot, now)
         if not dry_run:

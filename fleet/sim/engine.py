@@ -2,7 +2,8 @@
 
 Policies:
 
-* ``fleet``: each task is placed by ``fleet.placement.place`` (cost policy, live queue loads
+* ``fleet``: each task is placed by ``fleet.placement.place`` (cost policy, the recent
+  arrival rate of its model and kind from a ``fleet.rates.RateMeter``, live queue loads
   from the simulation, the config's model registry) among the accelerators the config's
   pools can buy, and capacity is planned by ``fleet.autoscaler.planner.plan`` every
   ``loop_interval_s`` from a Snapshot the simulation builds (``fleet.sim.snapshot``), exactly
@@ -67,11 +68,13 @@ from typing import Any
 
 from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools
 from fleet.autoscaler.model import PoolHistory
+from fleet.autoscaler.observe import smooth_load
 from fleet.autoscaler.planner import busy_pools, plan
 from fleet.catalog import Catalog, Offer
 from fleet.compat import family_rejection, memory_needed_gb, offer_fit
-from fleet.placement import NoPlacementError, Placement, Policy, place
+from fleet.placement import NoPlacementError, Placement, Policy, Traffic, place
 from fleet.queues import all_queue_names, api_queue_name, parse_queue
+from fleet.rates import RateMeter
 from fleet.sim.apipools import SimApiPool
 from fleet.sim.keda import (
     KEDA_COOLDOWN_S,
@@ -181,6 +184,8 @@ class Simulation:
             self._keda_setup(keda_target)
         self.offers = {(o.cloud, o.region, o.instance_type): o for o in catalog.offers}
         self._no_deadline: dict[SLO, SLO] = {}
+        self.loads: dict[str, tuple[float, float]] = {}  # smoothed running load per queue
+        self.rates = RateMeter()  # arrivals per (model, kind), for placement's cost ranking
 
     # -- events -------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: Any = None) -> None:  # noqa: ANN401 - event payloads vary
@@ -274,7 +279,12 @@ class Simulation:
                     placement = place(spec, where, None, Policy.COST, models=registry)
                 else:
                     loads = QueueLoads(self.book, self.api_queues, self.now)
-                    placement = place(spec, where, loads, Policy.COST, models=registry)
+                    now, rates = self.now, self.rates
+                    rates.record(key, now, size=(spec.tokens_in, spec.tokens_out))
+                    traffic = Traffic.of(rates.rate(key, now), rates.mean_size(key, now))
+                    placement = place(
+                        spec, where, loads, Policy.COST, models=registry, traffic=traffic
+                    )
             except NoPlacementError as exc:
                 self._reject(task, (self.models.unheld(model, spec.kind) or str(exc))[:200])
                 return
@@ -534,6 +544,8 @@ class Simulation:
         snap = build_snapshot(
             self.now, self.book.queues, self.live.values(), self.catalog, self.history
         )
+        queues = smooth_load(snap.queues, self.loads, self.now, self.config.fleet.namespace)
+        snap = replace(snap, queues=queues)  # as the live loop smooths it
         decided = plan(snap, self.config, self.catalog, self.now)
         busy = busy_pools(snap, self.config, self.catalog)
         for d in decided.decisions:

@@ -357,7 +357,7 @@ def test_waking_a_cold_queue_is_paid_for_in_the_ranking():
     # A thousand tasks waiting share one boot: each is charged a thousandth of it.
     shared = place(spec, CATALOG, loads={**warm, base.queue: QueueLoad(999, 0)})
     why = reasons_by_family(shared.rejected)[base.accelerator]
-    assert f"incl. ${boot / 1000:.6g} to boot a cold instance" in why
+    assert f"+ ${boot / 1000:.6g} to boot a cold instance" in why
 
 
 def test_loads_are_read_by_namespaced_queue_name():

@@ -30,7 +30,7 @@ from fleet.autoscaler.model import (
     Snapshot,
     WorkerObservation,
 )
-from fleet.autoscaler.observe import carry_samples
+from fleet.autoscaler.observe import carry_samples, smooth_load
 from fleet.autoscaler.planner import DEFAULT_SERVICE_S, busy_pools, plan, pool_devices
 from fleet.catalog import default_catalog
 from fleet.queues import parse_queue
@@ -650,3 +650,25 @@ def test_carry_samples_keeps_the_last_head_sample_for_running_work():
     assert (running[L4].sample_service_s, running[L4].sample_share) == (2.0, 0.1)
     carry_samples({L4: QueueObservation(L4)}, memory)
     assert memory == {}
+
+
+def test_smooth_load_averages_the_running_devices_over_time():
+    """A one-tick spike moves the average by a fraction; a sustained level is reached; idle is forgotten."""
+    memory: dict[str, tuple[float, float]] = {}
+    first = smooth_load({L4: QueueObservation(L4, unacked=1, running_devices=1.0)}, memory, 0.0)
+    assert first[L4].running_devices == 1.0
+    spike = smooth_load({L4: QueueObservation(L4, unacked=9, running_devices=9.0)}, memory, 5.0)
+    assert spike[L4].running_devices == pytest.approx(1 + 8 * (1 - math.exp(-5 / 120)))
+    for t in range(10, 2000, 5):
+        level = smooth_load({L4: QueueObservation(L4, unacked=4, running_devices=4.0)}, memory, t)
+    assert level[L4].running_devices == pytest.approx(4.0, rel=1e-3)
+    for t in range(2000, 4000, 5):
+        smooth_load({L4: QueueObservation(L4)}, memory, t)
+    assert memory == {}
+
+
+def test_smooth_load_reads_unacked_times_share_when_devices_are_unknown():
+    """The live observer has no device count: unacked x tier x share is what gets averaged."""
+    memory: dict[str, tuple[float, float]] = {}
+    q = QueueObservation(f"{L4}.x2", unacked=10, sample_share=0.1)
+    assert smooth_load({q.name: q}, memory, 0.0)[q.name].running_devices == pytest.approx(2.0)

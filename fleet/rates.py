@@ -1,0 +1,78 @@
+"""Arrival rates: how many tasks of a kind arrived per second lately, pure.
+
+``RateMeter`` counts arrivals per key (the simulator and the client use ``(model name,
+kind)``) over a sliding window and reads the rate at a given time; the clock is the
+caller's (``now`` is an argument), so it is deterministic. Placement ranks chips by what
+a task costs at that rate (``fleet.placement``): at 1 request/s an A100 that could serve 30
+is mostly idle, and the task pays for the idle part.
+
+Each arrival may carry a size (the simulator and the client use ``(tokens_in,
+tokens_out)``), whose mean over the window is the key's typical task: placement sizes the
+instances the whole traffic needs on each chip from that task's device time.
+
+The rate is the arrivals within the last ``window_s`` over the time they span: the window
+once it has passed, else the time since the key's first arrival, but at least ``min_span_s``
+(so the first few arrivals do not read as a burst).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+
+Size = tuple[float, ...]
+WINDOW_S = 300.0
+MIN_SPAN_S = 10.0
+
+
+class RateMeter:
+    """Arrivals per second per key over a sliding window."""
+
+    def __init__(self, window_s: float = WINDOW_S, min_span_s: float = MIN_SPAN_S) -> None:
+        """A meter over ``window_s`` seconds; spans shorter than ``min_span_s`` count as it."""
+        if window_s <= 0 or min_span_s <= 0:
+            raise ValueError("window_s and min_span_s must be positive")
+        self.window_s = window_s
+        self.min_span_s = min(min_span_s, window_s)
+        self._times: dict[Hashable, deque[tuple[float, Size]]] = {}
+        self._sizes: dict[Hashable, list[float]] = {}  # sums of the sizes in the window
+        self._first: dict[Hashable, float] = {}
+
+    def record(self, key: Hashable, now: float, count: int = 1, size: Size = ()) -> None:
+        """``count`` arrivals of ``key`` at ``now``, each of ``size`` (times must not decrease).
+
+        ``size`` is a tuple of numbers (the same length for every arrival of a key).
+        """
+        times = self._times.get(key)
+        if times is None:
+            times = self._times[key] = deque()
+            self._first[key] = now
+            self._sizes[key] = [0.0] * len(size)
+        times.extend([(now, size)] * count)
+        sums = self._sizes[key]
+        for i, x in enumerate(size):
+            sums[i] += x * count
+        self._trim(key, now)
+
+    def rate(self, key: Hashable, now: float) -> float | None:
+        """Arrivals per second of ``key`` at ``now``; None when it never arrived."""
+        times = self._times.get(key)
+        if times is None:
+            return None
+        self._trim(key, now)
+        span = min(self.window_s, max(self.min_span_s, now - self._first[key]))
+        return len(times) / span
+
+    def mean_size(self, key: Hashable, now: float) -> Size | None:
+        """The mean ``size`` of ``key``'s arrivals in the window; None when there are none."""
+        times = self._times.get(key)
+        if not times:
+            return None
+        self._trim(key, now)
+        return tuple(x / len(times) for x in self._sizes[key]) if times else None
+
+    def _trim(self, key: Hashable, now: float) -> None:
+        times, sums = self._times[key], self._sizes[key]
+        while times and times[0][0] <= now - self.window_s:
+            for i, x in enumerate(times.popleft()[1]):
+                sums[i] -= x
