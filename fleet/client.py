@@ -36,9 +36,10 @@ from fleet.catalog import Catalog, default_catalog
 from fleet.modelfit import served_entry
 from fleet.models.registry import ModelRegistry
 from fleet.obs.logs import get_logger
-from fleet.placement import Placement, Policy, place
+from fleet.placement import Placement, Policy, Traffic, place
 from fleet.publish import outbox_for
 from fleet.queues import all_queue_names
+from fleet.rates import RateMeter
 from fleet.settings import Settings
 from fleet.spec import SpecTooLargeError, TaskKind, TaskSpec, check_size, parse_spec
 from fleet.stats import AmqpStats, RedisStats, StatsCache, StatsSource
@@ -119,6 +120,7 @@ class Fleet:
             models = pools.registry if pools is not None else app_models(self.settings)
         self.models = models
         self._queues = all_queue_names(self.catalog, self.settings.namespace, models)
+        self._traffic = RateMeter()  # this process's submissions per (model, kind)
         self._stats = StatsCache(stats or self._default_stats(), self._queues, stats_interval_s)
 
     @classmethod
@@ -156,7 +158,18 @@ class Fleet:
             pin,
             self.settings.namespace,
             models=self.models,
+            traffic=self._traffic_of(spec),
         )
+
+    def _traffic_of(self, spec: TaskSpec) -> Traffic | None:
+        """The recent traffic this process submitted of ``spec``'s model and kind."""
+        key, now = (spec.model.name, spec.kind), time.monotonic()
+        return Traffic.of(self._traffic.rate(key, now), self._traffic.mean_size(key, now))
+
+    def _count(self, spec: TaskSpec, n: int = 1) -> None:
+        """Record ``n`` submissions of ``spec`` in the traffic meter."""
+        key = (spec.model.name, spec.kind)
+        self._traffic.record(key, time.monotonic(), n, (spec.tokens_in, spec.tokens_out))
 
     def _catalog_for(self, spec: TaskSpec) -> Catalog:
         """The catalog to place ``spec`` on: with pools, only where a pool serves its model."""
@@ -197,6 +210,7 @@ class Fleet:
         """
         spec = spec if isinstance(spec, TaskSpec) else parse_spec(spec)
         check_size(spec, self.settings.max_task_bytes)
+        self._count(spec)
         placement = self.route(spec, policy, pin)
         task_id = task_id_for(spec)
         try:
@@ -284,6 +298,7 @@ class Fleet:
         loads = self._stats.loads()  # one snapshot for the whole batch
         decided: dict[tuple[Any, ...], Placement] = {}
         seen: dict[int, tuple[TaskSpec, Placement, str]] = {}  # id(spec): placed once
+        tally: dict[int, int] = {}  # id(spec): tasks, for the traffic meter
         limit = self.settings.max_task_bytes
         for i, raw in enumerate(specs):
             try:
@@ -297,7 +312,7 @@ class Fleet:
                            spec.training_method, spec.slo, spec.budget)  # fmt: skip
                     placement = decided.get(key) or place(
                         spec, self._catalog_for(spec), loads, policy, None, self.settings.namespace,
-                        models=self.models,
+                        models=self.models, traffic=self._traffic_of(spec),
                     )  # fmt: skip
                     decided[key] = placement
                     known = seen[id(spec)] = (spec, placement, text)
@@ -306,6 +321,9 @@ class Fleet:
                 exc.args = (f"[{i}] {exc}",)
                 raise
             items.append(bulk.Item(spec, known[1], task_id_for(spec), known[2]))
+            tally[id(spec)] = tally.get(id(spec), 0) + 1
+        for spec_id, n in tally.items():
+            self._count(seen[spec_id][0], n)
         return items
 
     def _publish(
