@@ -50,7 +50,7 @@ check: lint typecheck test ## The gate: lint, types and tests
 demo: $(STAMP) ## End-to-end demo on a throwaway Redis with emulated workers
 	$(BIN)/fleet demo
 
-bench: $(STAMP) ## Benchmarks: submission overhead, bulk submit, worker throughput and memory, engines through a worker vs direct, traces
+bench: $(STAMP) ## Benchmarks: submit, bulk submit, worker, engines through a worker vs direct, traces vs baselines and bounds, simulator speed, Mélange reproduction
 	$(BIN)/python -m bench.run
 
 worker: $(STAMP) ## Run a worker: make worker ACCELERATOR=nvidia-l4 (default auto)

@@ -9,7 +9,10 @@
 * reaction, plan: scale-up reaction on the local provider; planning time at scale.
 * engines: real engines through a ``fleet worker`` vs the same engine called directly, and
   start-to-ready per engine (``bench.engines_bench``). Target: >= 0.90x.
-* traces: the trace x policy table through the simulator (``bench.sim_bench``).
+* traces: the trace x policy table through the simulator against the KEDA-like baseline,
+  the best single chip type and the bounds (``bench.sim_bench``).
+* sim_speed: simulator tasks per second at 2,000, 20,000 and 100,000 tasks
+  (``bench.sim_speed``). Target: 100,000 in under 15 s.
 * melange: the Mélange reproduction, fleet's GPU mix vs the best single type per workload,
   TPOT goal and rate (``bench.melange``; about 10-15 minutes on 2 cores).
 
@@ -39,13 +42,14 @@ from bench import (
     plan_bench,
     reaction,
     sim_bench,
+    sim_speed,
     submit_bench,
     worker_bench,
 )
 from fleet.embedded import embedded_redis
 
 RESULTS = Path(__file__).parent / "results" / "latest.json"
-PARTS = ("submit", "worker", "reaction", "engines", "plan", "traces", "melange")
+PARTS = ("submit", "worker", "reaction", "engines", "plan", "traces", "sim_speed", "melange")
 
 
 @contextmanager
@@ -77,6 +81,8 @@ def run_parts(parts: tuple[str, ...]) -> dict[str, Any]:
         out["plan"] = plan_bench.run()
     if "traces" in parts:
         out["traces"] = sim_bench.run()
+    if "sim_speed" in parts:
+        out["sim_speed"] = sim_speed.run()
     if "melange" in parts:
         out["melange"] = melange.run()
     return out
@@ -108,6 +114,9 @@ def print_tables(out: dict[str, Any]) -> None:
     if "engines" in out:
         print()
         engines_bench.print_table(out["engines"])
+    if "sim_speed" in out:
+        print()
+        sim_speed.print_table(out["sim_speed"])
     if "melange" in out:
         print()
         melange.print_table(out["melange"])

@@ -36,7 +36,7 @@ from fleet.catalog import Catalog, default_catalog
 from fleet.modelfit import served_entry
 from fleet.models.registry import ModelRegistry
 from fleet.obs.logs import get_logger
-from fleet.placement import Placement, Policy, Traffic, place
+from fleet.placement import Placement, Policy, Traffic, busy_by_accelerator, place
 from fleet.publish import outbox_for
 from fleet.queues import all_queue_names
 from fleet.rates import RateMeter
@@ -164,12 +164,15 @@ class Fleet:
     def _traffic_of(self, spec: TaskSpec) -> Traffic | None:
         """The recent traffic this process submitted of ``spec``'s model and kind."""
         key, now = (spec.model.name, spec.kind), time.monotonic()
-        return Traffic.of(self._traffic.rate(key, now), self._traffic.mean_size(key, now))
+        accs = tuple(sorted(self._catalog_for(spec).families))
+        return Traffic.of(self._traffic.rate(key, now), self._traffic.mean_size(key, now), accs)
 
     def _count(self, spec: TaskSpec, n: int = 1) -> None:
-        """Record ``n`` submissions of ``spec`` in the traffic meter."""
-        key = (spec.model.name, spec.kind)
-        self._traffic.record(key, time.monotonic(), n, (spec.tokens_in, spec.tokens_out))
+        """Record ``n`` submissions of ``spec`` (their device time per chip) in the meter."""
+        catalog = self._catalog_for(spec)
+        busy = busy_by_accelerator(spec, catalog)
+        size = tuple(busy.get(a, 0.0) for a in sorted(catalog.families))
+        self._traffic.record((spec.model.name, spec.kind), time.monotonic(), n, size)
 
     def _catalog_for(self, spec: TaskSpec) -> Catalog:
         """The catalog to place ``spec`` on: with pools, only where a pool serves its model."""

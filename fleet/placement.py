@@ -41,7 +41,7 @@ keeps the plain queue.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -75,35 +75,30 @@ class QueueLoad:
 
 @dataclass(frozen=True, slots=True)
 class Traffic:
-    """Recent arrivals like a task: ``rate_per_s`` of its model and kind, of a typical size.
+    """Recent arrivals like a task: ``rate_per_s`` of its model and kind, and what they take.
 
-    ``tokens_in`` and ``tokens_out`` are the traffic's means: the instances it needs on a
-    chip are sized from a typical task's device time there, so a rare long request does
-    not size them by itself.
+    ``busy_s`` maps an accelerator to the mean device time per task of that traffic on it
+    (``busy_by_accelerator`` of each task, averaged by a ``fleet.rates.RateMeter``): the
+    instances the traffic needs on a chip are sized from it, so a rare long request does not
+    size them by itself, and heavy-tailed sizes count at their mean device time.
     """
 
     rate_per_s: float
-    tokens_in: int
-    tokens_out: int
+    busy_s: Mapping[str, float]
 
     @classmethod
-    def of(cls, rate_per_s: float | None, mean: tuple[float, ...] | None) -> Traffic | None:
-        """From a meter's rate and mean ``(tokens_in, tokens_out)`` (None: no traffic known).
-
-        The means are rounded to two significant digits so that placement's per-shape
-        cache keeps hitting while they drift.
-        """
+    def of(
+        cls, rate_per_s: float | None, mean: tuple[float, ...] | None, accelerators: Sequence[str]
+    ) -> Traffic | None:
+        """From a meter's rate and mean sizes recorded in ``accelerators`` order (None: none known)."""
         if rate_per_s is None or rate_per_s <= 0 or not mean:
             return None
-        tokens_in, tokens_out = (_two_digits(x) for x in mean[:2])
-        return cls(rate_per_s, tokens_in, tokens_out)
+        return cls(rate_per_s, dict(zip(accelerators, mean, strict=False)))
 
 
-def _two_digits(x: float) -> int:
-    """``x`` rounded to two significant digits, as an int (0 stays 0)."""
-    if x < 1:
-        return 0
-    return int(round(x, 1 - math.floor(math.log10(x))))
+def busy_by_accelerator(spec: TaskSpec, catalog: Catalog) -> dict[str, float]:
+    """``{accelerator: device time}`` of ``spec`` on each family that can hold it (cached)."""
+    return {c.accelerator: c.busy_s for c in _analyse(spec, catalog)[1]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +512,6 @@ def _feasible(
     namespace: str,
     rejected: list[Rejection],
     traffic: Traffic | None = None,
-    typical: Mapping[str, float] | None = None,
 ) -> tuple[list[Option], list[Option]]:
     """Candidates within budget, deadline and ``slo.tpot_ms``, and those that miss only by waiting.
 
@@ -535,7 +529,9 @@ def _feasible(
         queue = queue_name(spec.kind, c.accelerator, c.devices, namespace, c.model)
         wait = _wait_s(c, queue, loads)
         boot = _boot_cost_usd(c, queue, loads, traffic.rate_per_s if traffic else None)
-        idle = _idle_usd(c, traffic, (typical or {}).get(c.accelerator))
+        load = loads.get(queue) if loads is not None else None
+        spare = load is not None and load.consumers > 0 and load.depth == 0
+        idle = 0.0 if spare else _idle_usd(c, traffic)
         if tpot_ms is not None and c.tpot_s * 1000.0 > tpot_ms:
             ms = c.tpot_s * 1000.0
             shown = f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"  # noqa: PLR2004 - 3 digits
@@ -564,20 +560,25 @@ def _feasible(
     return feasible, at_risk
 
 
-def _idle_usd(c: Candidate, traffic: Traffic | None, typical_busy_s: float | None) -> float:
+def _idle_usd(c: Candidate, traffic: Traffic | None) -> float:
     """The idle part of the instances this task's traffic needs, per task (0 without one).
 
-    Charged on warm queues too: pricing each task at what its whole traffic costs on a
-    chip sends that traffic to one chip and lets the others scale to zero, where pricing
-    a warm pool's spare capacity as free keeps every pool that ever woke alive on a
-    trickle (measured on the Mélange workloads). The traffic (``rate_per_s`` tasks of this model and kind, each taking
-    ``typical_busy_s`` of device time on this chip) keeps ``load = rate x
-    instance-seconds per typical task`` instances busy; the planner buys
-    ``ceil(load / TARGET_UTILISATION)`` (at least one), so each task's device-time share
-    is paid at that utilisation: ``share x (bought / load - 1)`` is the idle part. API pools
-    are billed per token, and per-vCPU offers are not sized this way: no idle part.
+    Not charged on a warm queue with nothing waiting (``_feasible``): its instances are
+    paid for and have room, so the task's own share is its marginal cost (the fleet keeps
+    using a box it already holds, such as an 8-GPU one a large model needed). A cold queue,
+    or one with a backlog, would buy instances: there the task pays its traffic's idle part.
+    Measured on the Mélange workloads and the shipped traces, charging warm queues too
+    sent each traffic to one chip (better at 16 req/s of Arena) but kept idle boxes alive
+    beside it on the chat trace (1.5x the cost); this rule is the better of the two overall.
+    The traffic (``rate_per_s`` tasks of this model and kind, each taking
+    ``typical_busy_s`` of device time on this chip on average) keeps ``load = rate x
+    instance-seconds per task`` instances busy; the planner buys ``ceil(load /
+    TARGET_UTILISATION)`` (at least one), so each task's device-time share is paid at that
+    utilisation: ``share x (bought / load - 1)`` is the idle part. API pools are billed per
+    token, and per-vCPU offers are not sized this way: no idle part.
     """
-    if traffic is None or typical_busy_s is None or c.api is not None:
+    typical_busy_s = traffic.busy_s.get(c.accelerator) if traffic is not None else None
+    if traffic is None or not typical_busy_s or c.api is not None:
         return 0.0
     count = c.offer.accelerator_count
     if count <= 0:
@@ -588,16 +589,6 @@ def _idle_usd(c: Candidate, traffic: Traffic | None, typical_busy_s: float | Non
         return 0.0
     bought = max(1, math.ceil(load / TARGET_UTILISATION - 1e-9))
     return c.cost_usd * max(0.0, bought / load - 1.0)
-
-
-def _typical_busy(spec: TaskSpec, catalog: Catalog, traffic: Traffic | None) -> dict[str, float]:
-    """``{accelerator: device time}`` of the traffic's typical task (``spec`` at its means)."""
-    if traffic is None:
-        return {}
-    typical = spec.model_copy(
-        update={"tokens_in": traffic.tokens_in, "tokens_out": traffic.tokens_out}
-    )
-    return {c.accelerator: c.busy_s for c in _analyse(typical, catalog)[1]}
 
 
 def _consolidated(feasible: list[Option], loads: Mapping[str, QueueLoad] | None) -> Option:
@@ -693,8 +684,7 @@ def place(
     if policy is Policy.PINNED:
         candidates = _pinned(spec, catalog, candidates, pin, rejected)
 
-    typical = _typical_busy(spec, catalog, traffic)
-    feasible, at_risk = _feasible(spec, candidates, loads, namespace, rejected, traffic, typical)
+    feasible, at_risk = _feasible(spec, candidates, loads, namespace, rejected, traffic)
     risk_note = ""
     if not feasible and at_risk:
         # Every queue is cold or busy, but the work itself fits the deadline somewhere:

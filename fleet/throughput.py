@@ -73,8 +73,9 @@ def kv_bytes_per_token(model: ModelRef) -> float:
     A size within 15% of a known architecture takes its figure (``_MHA_KIB``, ``_GQA_KIB``:
     layers x KV heads x head dim x 2 x 2 bytes from the published configurations:
     Llama-2-7B 0.5 MiB, 13B 800 KiB; Llama-3.1-8B 128 KiB, 70B 320 KiB, 405B 504 KiB);
-    other sizes scale from the nearest smaller anchor: MHA with ``params^(2/3)`` (layers x
-    hidden), GQA with ``params^(1/3)`` (layers only: KV heads stay at 8). The cache is kept
+    other sizes interpolate geometrically between the neighbouring anchors, and beyond the
+    ends scale as MHA ``params^(2/3)`` (layers x hidden) or GQA ``params^(1/3)`` (layers
+    only: KV heads stay at 8). The cache is kept
     in 16 bits, 8 for fp8 and int8 weights, 32 for fp32 (see ``_kv_dtype_bytes``).
     """
     name = model.name.lower()
@@ -82,10 +83,30 @@ def kv_bytes_per_token(model: ModelRef) -> float:
         model.params_b > _LLAMA2_GQA_FROM_B and "llama" in name
     )
     table, power = (_MHA_KIB, 2 / 3) if mha else (_GQA_KIB, 1 / 3)
-    p = model.params_b
-    anchor = max((a for a in table if a <= p * (1 + _SAME_SIZE)), default=min(table))
-    kib = table[anchor] * (1.0 if abs(p / anchor - 1) <= _SAME_SIZE else (p / anchor) ** power)
-    return kib * _KIB * _kv_dtype_bytes(model.dtype) / 2.0
+    return _kib_at(table, model.params_b, power) * _KIB * _kv_dtype_bytes(model.dtype) / 2.0
+
+
+def _kib_at(table: dict[float, float], p: float, power: float) -> float:
+    """KiB per token at ``p`` billion parameters, monotone in ``p`` when the table is.
+
+    An anchor's figure within ``_SAME_SIZE`` of it, geometric interpolation between the
+    neighbouring anchors' bands, ``params^power`` beyond the ends.
+    """
+    same = [a for a in table if abs(p / a - 1) <= _SAME_SIZE]
+    if same:
+        return table[min(same, key=lambda a: abs(p / a - 1))]
+    below = [a for a in table if a * (1 + _SAME_SIZE) < p]
+    above = [a for a in table if a * (1 - _SAME_SIZE) > p]
+    if below and above:
+        lo, hi = max(below), min(above)
+        x0, x1 = lo * (1 + _SAME_SIZE), hi * (1 - _SAME_SIZE)
+        t = math.log(p / x0) / math.log(x1 / x0)
+        return float(table[lo] * (table[hi] / table[lo]) ** t)
+    if below:
+        lo = max(below)
+        return float(table[lo] * (p / (lo * (1 + _SAME_SIZE))) ** power)
+    hi = min(above)
+    return float(table[hi] * (p / (hi * (1 - _SAME_SIZE))) ** power)
 
 
 TARGET_UTILISATION = 0.8  # devices busy over devices bought at steady load (planner, placement)

@@ -72,7 +72,14 @@ from fleet.autoscaler.observe import smooth_load
 from fleet.autoscaler.planner import busy_pools, plan
 from fleet.catalog import Catalog, Offer
 from fleet.compat import family_rejection, memory_needed_gb, offer_fit
-from fleet.placement import NoPlacementError, Placement, Policy, Traffic, place
+from fleet.placement import (
+    NoPlacementError,
+    Placement,
+    Policy,
+    Traffic,
+    busy_by_accelerator,
+    place,
+)
 from fleet.queues import all_queue_names, api_queue_name, parse_queue
 from fleet.rates import RateMeter
 from fleet.sim.apipools import SimApiPool
@@ -185,7 +192,10 @@ class Simulation:
         self.offers = {(o.cloud, o.region, o.instance_type): o for o in catalog.offers}
         self._no_deadline: dict[SLO, SLO] = {}
         self.loads: dict[str, tuple[float, float]] = {}  # smoothed running load per queue
-        self.rates = RateMeter()  # arrivals per (model, kind), for placement's cost ranking
+        self.rates = RateMeter()
+        self._accs: dict[
+            tuple[str, TaskKind], tuple[str, ...]
+        ] = {}  # the meter's size order  # arrivals per (model, kind), for placement's cost ranking
 
     # -- events -------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: Any = None) -> None:  # noqa: ANN401 - event payloads vary
@@ -280,8 +290,12 @@ class Simulation:
                 else:
                     loads = QueueLoads(self.book, self.api_queues, self.now)
                     now, rates = self.now, self.rates
-                    rates.record(key, now, size=(spec.tokens_in, spec.tokens_out))
-                    traffic = Traffic.of(rates.rate(key, now), rates.mean_size(key, now))
+                    accs = self._accs.get(key)
+                    if accs is None:
+                        accs = self._accs[key] = tuple(sorted(where.families))
+                    busy = busy_by_accelerator(spec, where)
+                    rates.record(key, now, size=tuple(busy.get(a, 0.0) for a in accs))
+                    traffic = Traffic.of(rates.rate(key, now), rates.mean_size(key, now), accs)
                     placement = place(
                         spec, where, loads, Policy.COST, models=registry, traffic=traffic
                     )

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from fleet.catalog import load_catalog
-from fleet.placement import Traffic, place
+from fleet.placement import Traffic, busy_by_accelerator, place
 from fleet.rates import RateMeter
-from fleet.spec import parse_spec
+from fleet.spec import TaskSpec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 MELANGE = load_catalog(ROOT / "examples" / "melange" / "catalog")
@@ -43,6 +43,16 @@ def test_bad_windows_are_refused():
         RateMeter(window_s=0)
 
 
+def traffic(rate: float, *specs: TaskSpec) -> Traffic:
+    """Traffic at ``rate`` whose typical device time is the mean of ``specs``' on each chip."""
+    accs = sorted(MELANGE.families)
+    sizes = [busy_by_accelerator(s, MELANGE) for s in specs]
+    mean = tuple(sum(b.get(a, 0.0) for b in sizes) / len(sizes) for a in accs)
+    made = Traffic.of(rate, mean, accs)
+    assert made is not None
+    return made
+
+
 def test_without_a_rate_the_cheapest_share_wins():
     """Per task share alone, an A100 at batch 256 beats the small chips on Arena-sized requests."""
     assert place(ARENA, MELANGE).accelerator == "nvidia-a100-80gb"
@@ -50,7 +60,7 @@ def test_without_a_rate_the_cheapest_share_wins():
 
 def test_at_one_request_a_second_a_small_chip_wins():
     """At 1 req/s one A100 would idle 97% of the time; the task pays for that, so an L4 or A10G wins."""
-    p = place(ARENA, MELANGE, traffic=Traffic(1.0, 70, 215))
+    p = place(ARENA, MELANGE, traffic=traffic(1.0, ARENA))
     assert p.accelerator in {"nvidia-l4", "nvidia-a10g"}
     a100 = next(r.reason for r in p.rejected if r.accelerator == "nvidia-a100-80gb")
     assert "idle at 1 tasks/s" in a100
@@ -58,14 +68,14 @@ def test_at_one_request_a_second_a_small_chip_wins():
 
 def test_at_sixteen_requests_a_second_the_a100_is_busy_enough():
     """At 16 req/s one A100 is well used and cheapest per task again."""
-    assert place(ARENA, MELANGE, traffic=Traffic(16.0, 70, 215)).accelerator == "nvidia-a100-80gb"
+    assert place(ARENA, MELANGE, traffic=traffic(16.0, ARENA)).accelerator == "nvidia-a100-80gb"
 
 
 def test_a_rare_long_request_does_not_size_the_traffic_by_itself():
-    """A 1,500-token answer at 1 req/s of Arena traffic: sized on the typical task, a small chip wins."""
+    """A 1,500-token answer among Arena traffic at 1 req/s: sized on the traffic, a small chip wins."""
     long = ARENA.model_copy(update={"tokens_out": 1500})
-    alone = place(long, MELANGE, traffic=Traffic.of(1.0, (long.tokens_in, long.tokens_out)))
-    sized = place(long, MELANGE, traffic=Traffic.of(1.0, (ARENA.tokens_in, ARENA.tokens_out)))
+    alone = place(long, MELANGE, traffic=traffic(1.0, long))
+    sized = place(long, MELANGE, traffic=traffic(1.0, *[ARENA] * 19, long))
     assert sized.accelerator in {"nvidia-l4", "nvidia-a10g"}
     assert alone.accelerator == "nvidia-a100-80gb"  # as if every request were this long
 
@@ -80,8 +90,8 @@ def test_mean_size_follows_the_window():
     assert meter.mean_size("none", 1.0) is None
 
 
-def test_traffic_means_are_rounded_for_the_cache():
-    """Means are kept to two significant digits; no rate or no sizes is no traffic."""
-    assert Traffic.of(2.0, (71.4, 2149.0)) == Traffic(2.0, 71, 2100)
-    assert Traffic.of(None, (70, 215)) is None
-    assert Traffic.of(2.0, None) is None
+def test_traffic_maps_the_means_to_their_accelerators():
+    """Means recorded in accelerator order come back by name; no rate or no sizes is no traffic."""
+    assert Traffic.of(2.0, (1.5, 0.5), ["a", "b"]) == Traffic(2.0, {"a": 1.5, "b": 0.5})
+    assert Traffic.of(None, (1.0,), ["a"]) is None
+    assert Traffic.of(2.0, None, ["a"]) is None

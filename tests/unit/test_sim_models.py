@@ -72,20 +72,18 @@ def chat(model: dict | None = None, **extra: object) -> TaskSpec:
 @pytest.mark.parametrize(
     ("config", "queue"),
     [
-        # the L4 pool keeps one instance holding tiny-llama, but a task is priced at what its
-        # traffic (here one task) costs on each chip, idle part included: the cheaper cpu
-        # wakes rather than the warm L4 take it (placement does not know min_instances
-        # holds the L4 anyway); min_instances keeps the run going to the 6 h horizon: a
-        # slower loop keeps it short
-        (cfg(l4_pool(min_instances=1), CPU_TINY, loop_s=60), "inference.cpu@tiny-llama"),
+        # the L4 pool keeps one instance holding tiny-llama: warm with room, its idle part is
+        # paid already, so it is chosen over a cold cpu (min_instances keeps the run going
+        # to the 6 h horizon: a slower loop keeps it short)
+        (cfg(l4_pool(min_instances=1), CPU_TINY, loop_s=60), "inference.nvidia-l4@tiny-llama"),
         # both cold: the cheaper boot wins
         (cfg(l4_pool(min_instances=0), CPU_TINY), "inference.cpu@tiny-llama"),
         # a warm L4 of reference workers does not hold the model: still the cold cpu
         (cfg(l4_pool("[]", min_instances=1), CPU_TINY, loop_s=60), "inference.cpu@tiny-llama"),
     ],
 )
-def test_a_task_goes_to_a_model_queue_priced_at_its_traffic(config, queue):
-    """A task at t=300 s goes to a model queue whose pool holds the model (never a plain one)."""
+def test_a_warm_model_queue_is_preferred_over_a_cold_one(config, queue):
+    """A task at t=300 s goes to the model queue whose pool already holds the model."""
     result = simulate([TraceEvent(300.0, chat())], config, CATALOG, "fleet")
     assert result.placements == {0: queue}
     assert result.completed == 1
