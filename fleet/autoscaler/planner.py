@@ -351,21 +351,35 @@ def _scale_in_under_load(
             f" keeping {cur} instances for {draft.desired} desired"
         )
         return
-    if last_in is not None and now - last_in < pool.scale_in_cooldown_s:
-        draft.reasons.append(
-            f"scale-in cooldown: {_num(now - last_in)} s < {_num(pool.scale_in_cooldown_s)} s"
-        )
+    if _in_cooldown(draft, last_in, now):
         return
     step = max(1, math.ceil((cur - target) / 2))  # halve the excess per cooldown
     reason = (
         f"capacity above need under load: {cur} instances for {draft.desired} desired"
         f" (running work holds {floor})"
     )
+    _terminate_newest(draft, step, reason)
+
+
+def _in_cooldown(draft: _Draft, last_in: float | None, now: float) -> bool:
+    """Whether the pool's scale-in cooldown still runs (the reason is recorded)."""
+    pool = draft.view.pool
+    if last_in is not None and now - last_in < pool.scale_in_cooldown_s:
+        draft.reasons.append(
+            f"scale-in cooldown: {_num(now - last_in)} s < {_num(pool.scale_in_cooldown_s)} s"
+        )
+        return True
+    return False
+
+
+def _terminate_newest(draft: _Draft, count: int, reason: str) -> None:
+    """Terminate ``count`` live instances, newest first, for ``reason``."""
+    cur = len(draft.live)
     newest = sorted(draft.live, key=lambda i: (i.launched_at, i.id), reverse=True)
     draft.terminations += [
-        Termination(pool.name, i.id, i.usd_per_hour, reason) for i in newest[:step]
+        Termination(draft.view.pool.name, i.id, i.usd_per_hour, reason) for i in newest[:count]
     ]
-    draft.reasons.append(f"{reason}: {cur} -> {cur - step} instances")
+    draft.reasons.append(f"{reason}: {cur} -> {cur - count} instances")
 
 
 def _scale_in(draft: _Draft, last_busy: float | None, last_in: float | None, now: float) -> None:
@@ -379,17 +393,11 @@ def _scale_in(draft: _Draft, last_busy: float | None, last_in: float | None, now
             f"{idle_text} < {_num(pool.idle_before_scale_in_s)} s: keeping {cur} instances"
         )
         return
-    if last_in is not None and now - last_in < pool.scale_in_cooldown_s:
-        draft.reasons.append(
-            f"scale-in cooldown: {_num(now - last_in)} s < {_num(pool.scale_in_cooldown_s)} s"
-        )
+    if _in_cooldown(draft, last_in, now):
         return
-    reason = f"{idle_text} >= {_num(pool.idle_before_scale_in_s)} s"
-    newest = sorted(draft.live, key=lambda i: (i.launched_at, i.id), reverse=True)
-    draft.terminations += [
-        Termination(pool.name, i.id, i.usd_per_hour, reason) for i in newest[: cur - draft.desired]
-    ]
-    draft.reasons.append(f"{reason}: {cur} -> {draft.desired} instances")
+    _terminate_newest(
+        draft, cur - draft.desired, f"{idle_text} >= {_num(pool.idle_before_scale_in_s)} s"
+    )
 
 
 def _launch(drafts: list[_Draft], config: AutoscalerConfig, *, spend: float, now: float) -> None:
