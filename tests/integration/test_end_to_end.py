@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -226,3 +227,17 @@ def test_status_shows_queues_and_emulated_workers(broker: Broker, fleet: Fleet, 
             assert report.oldest_age_s[held.placement.queue] >= 1.0
     finally:
         purge(broker, [held.placement.queue])
+
+
+def test_the_client_prices_with_the_traffic_it_submitted(broker: Broker, fleet: Fleet) -> None:
+    """After a burst of submissions, route() charges a cold chip the idle part of that traffic."""
+    spec = {**L4_CHAT, "requirements": {"accelerators": ["nvidia-l4"]}}
+    assert not any("tasks/s" in r for r in fleet.route(spec).reasons)  # no traffic yet
+    handles = fleet.submit_many([spec] * 50)
+    try:
+        why = fleet.route(spec).reasons[0]
+        rate = re.search(r"idle at ([\d.]+) tasks/s", why)
+        assert rate is not None, why
+        assert 0 < float(rate.group(1)) <= 5  # 50 tasks over at least the meter's 10 s span
+    finally:
+        purge(broker, [handles[0].placement.queue])
