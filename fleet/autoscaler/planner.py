@@ -451,7 +451,7 @@ def _backlog_reason(view: PoolView, cur: int, desired: int) -> str:
         here = f" ({frac:.0%} here)" if frac < 1 - EPS else ""
         running = d.tasks - d.ready
         busy = f", {running} running on {d.in_flight_devices:.3g} devices" if running else ""
-        parts.append(f"{d.ready} tasks x {_num(d.service_s)} s on {d.name}{busy}{here}")
+        parts.append(f"{d.ready} tasks x {d.service_s:.3g} s on {d.name}{busy}{here}")
     if len(shares) > MAX_QUEUES_IN_REASON:
         parts.append(f"{len(shares) - MAX_QUEUES_IN_REASON} more queues")
     return (
