@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from fleet.catalog import Family
 from fleet.spec import BYTES_PER_PARAM, DType, ModelRef, TaskKind, TaskSpec
@@ -201,6 +202,13 @@ class _Server:
         return Estimate(ttft + tokens_out * tpot, ttft + tokens_out * tpot / b, tpot, ttft, b)
 
 
+@lru_cache(maxsize=4096)
+def _server(family: Family, n: float, model: ModelRef) -> _Server:
+    """``model`` served on ``n`` units of ``family`` (cached: it does not depend on the request)."""
+    dtype_bytes = BYTES_PER_PARAM[model.dtype]
+    return _Server.of(family, n, model.params_b, dtype_bytes, kv_bytes_per_token(model))
+
+
 def tpot_goal_s(spec: TaskSpec, ttft_s: float) -> float | None:
     """The per-token goal in seconds: ``slo.tpot_ms``, else one derived from the deadline."""
     if spec.slo.tpot_ms is not None:
@@ -229,13 +237,7 @@ def estimate(spec: TaskSpec, family: Family, devices: int, vcpus: int | None = N
         rate = n * family.bf16_tflops * 1e12 * _mfu(family, spec.model.params_b, n, TRAINING_MFU)
         seconds = flops_per_token * params * spec.tokens_in / rate
         return Estimate(seconds, seconds)
-    server = _Server.of(
-        family,
-        n,
-        spec.model.params_b,
-        BYTES_PER_PARAM[spec.model.dtype],
-        kv_bytes_per_token(spec.model),
-    )
+    server = _server(family, n, spec.model)
     prefill = 2.0 * params * spec.tokens_in / server.compute
     if spec.kind is TaskKind.EMBEDDING or spec.tokens_out == 0:
         return Estimate(prefill, prefill, ttft_s=prefill)
