@@ -98,7 +98,7 @@ from fleet.sim.keda import (
 from fleet.sim.models import Holds, ModelCatalogs, pool_holds
 from fleet.sim.results import SimResult, decode_tpot_s, summarise
 from fleet.sim.snapshot import SAMPLE, build_snapshot
-from fleet.sim.state import QueueBook, QueueLoads, SimInstance, SimTask
+from fleet.sim.state import QueueBook, QueueLoads, SimInstance, SimTask, packing
 from fleet.sim.trace import TraceEvent
 from fleet.spec import SLO, TaskKind, TaskSpec
 from fleet.throughput import estimate
@@ -192,10 +192,9 @@ class Simulation:
         self.offers = {(o.cloud, o.region, o.instance_type): o for o in catalog.offers}
         self._no_deadline: dict[SLO, SLO] = {}
         self.loads: dict[str, tuple[float, float]] = {}  # smoothed running load per queue
-        self.rates = RateMeter()
-        self._accs: dict[
-            tuple[str, TaskKind], tuple[str, ...]
-        ] = {}  # the meter's size order  # arrivals per (model, kind), for placement's cost ranking
+        self.rates = RateMeter()  # arrivals per (model, kind), for placement's traffic pricing
+        # each meter key's accelerators, in the order its sizes (device time per chip) are kept
+        self._accs: dict[tuple[str, TaskKind], tuple[str, ...]] = {}
 
     # -- events -------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: Any = None) -> None:  # noqa: ANN401 - event payloads vary
@@ -358,12 +357,7 @@ class Simulation:
         est = estimate(task.spec, family, task.devices, inst.offer.vcpus)
         if task.spec.slo.tpot_ms is not None:  # for the SLO check (fleet.sim.results)
             task.tpot_s = decode_tpot_s(est, task.spec, family, task.devices, inst.offer.vcpus)
-        service = max(est.service_s, 1e-6)
-        share = (
-            task.devices * min(1.0, est.busy_s / service)
-            if not family.per_vcpu
-            else min(1.0, est.busy_s / service)
-        )
+        service, share = packing(est, task.devices, per_vcpu=family.per_vcpu)
         task.cost = (key, service, share)
         return service, share
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from fleet.autoscaler.config import AutoscalerConfig, PricedOffer, pool_offers
 from fleet.catalog import Catalog, Family, Offer
 from fleet.compat import family_rejection, memory_needed_gb, offer_fit
+from fleet.sim.state import packing
 from fleet.spec import TaskSpec
 from fleet.throughput import estimate
 
@@ -111,10 +112,9 @@ def concurrency(spec: TaskSpec, offer: Offer, family: Family) -> float | None:
     devices = task_devices(spec, offer, family)
     if devices is None:
         return None
-    est = estimate(spec, family, devices, offer.vcpus)
-    service = max(est.service_s, 1e-6)
-    fraction = min(1.0, est.busy_s / service)
-    share = fraction if family.per_vcpu else devices * fraction
+    _, share = packing(
+        estimate(spec, family, devices, offer.vcpus), devices, per_vcpu=family.per_vcpu
+    )
     return offer.accelerator_count / max(share, 1e-12)
 
 

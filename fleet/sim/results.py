@@ -67,23 +67,19 @@ def decode_tpot_s(
 ) -> float | None:
     """Seconds per output token of ``spec`` on ``devices`` of ``family``, from its estimate ``est``.
 
-    The throughput model's ``tpot_s`` when its ``Estimate`` has one, not 0 (read with
-    ``getattr`` while the model is being extended); else the wall time less its ``ttft_s``
-    (or less the prefill: the estimate of the same prompt with no output) over the output
-    tokens. None when there is no output.
+    The estimate's ``tpot_s``; when it is 0 (an ``Estimate`` that does not say), the wall
+    time less its ``ttft_s`` (or less the prefill: the estimate of the same prompt with no
+    output) over the output tokens. None when there is no output.
     """
     if spec.tokens_out <= 0:
         return None
-    # Absent or 0 (an Estimate built without them) means the model did not say.
-    tpot = getattr(est, "tpot_s", None)
-    if tpot:
-        return float(tpot)
-    service = est.service_s
-    ttft = getattr(est, "ttft_s", None)
+    if est.tpot_s:
+        return est.tpot_s
+    ttft = est.ttft_s
     if not ttft:
         prompt_only = spec.model_copy(update={"tokens_out": 0})
         ttft = estimate(prompt_only, family, devices, vcpus).service_s
-    return max(0.0, service - float(ttft)) / spec.tokens_out
+    return max(0.0, est.service_s - ttft) / spec.tokens_out
 
 
 def achieved_tpot_s(task: SimTask) -> float | None:

@@ -26,6 +26,7 @@ from fleet.placement import QueueLoad
 from fleet.sim.apipools import SimApiPool
 from fleet.sim.models import Holds
 from fleet.spec import TaskSpec
+from fleet.throughput import Estimate
 
 Shape = tuple[str, str, int]  # pool, accelerator, devices: what decides the queues served
 
@@ -216,3 +217,16 @@ class QueueLoads(Mapping[str, QueueLoad]):
     def __len__(self) -> int:
         """How many queue names are known."""
         return len(self._book.known_set | self._api.keys())
+
+
+def packing(est: Estimate, devices: int, *, per_vcpu: bool) -> tuple[float, float]:
+    """``(service_s, share)`` of a task estimated ``est`` on ``devices`` devices.
+
+    The simulator's packing rule: a running task takes ``devices x min(1, busy_s /
+    service_s)`` of its instance's devices (a batching server overlaps streams;
+    compute-bound work fills whole devices); on a per-vCPU offer, that fraction of its one.
+    ``service_s`` is at least a microsecond.
+    """
+    service = max(est.service_s, 1e-6)
+    fraction = min(1.0, est.busy_s / service)
+    return service, fraction if per_vcpu else devices * fraction

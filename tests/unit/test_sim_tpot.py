@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -68,16 +67,6 @@ def test_no_output_tokens_has_no_tpot():
     assert meets_slo(done(s, None))
 
 
-@dataclass(frozen=True)
-class WithTpot:
-    """The extended Estimate shape (``tpot_s``) the throughput model is growing."""
-
-    service_s: float
-    busy_s: float
-    tpot_s: float
-    ttft_s: float
-
-
 def test_decode_tpot_reads_the_estimate_or_derives_it():
     """``tpot_s`` when the estimate has it; else (wall time - prefill) / output tokens."""
     s = spec(40.0, out=200)
@@ -88,7 +77,7 @@ def test_decode_tpot_reads_the_estimate_or_derives_it():
     assert decode_tpot_s(plain, s, family, 1, None) == pytest.approx(
         (est.service_s - prefill) / 200
     )
-    assert decode_tpot_s(WithTpot(9.0, 1.0, 0.03, 1.0), s, family, 1, None) == 0.03
+    assert decode_tpot_s(Estimate(9.0, 1.0, 0.03, 1.0), s, family, 1, None) == 0.03
     assert decode_tpot_s(plain, spec(40.0, out=0), family, 1, None) is None
 
 
