@@ -529,9 +529,7 @@ def _feasible(
         queue = queue_name(spec.kind, c.accelerator, c.devices, namespace, c.model)
         wait = _wait_s(c, queue, loads)
         boot = _boot_cost_usd(c, queue, loads, traffic.rate_per_s if traffic else None)
-        load = loads.get(queue) if loads is not None else None
-        spare = load is not None and load.consumers > 0 and load.depth == 0
-        idle = 0.0 if spare else _idle_usd(c, traffic)
+        idle = _idle_usd(c, traffic, loads.get(queue) if loads is not None else None)
         if tpot_ms is not None and c.tpot_s * 1000.0 > tpot_ms:
             ms = c.tpot_s * 1000.0
             shown = f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"  # noqa: PLR2004 - 3 digits
@@ -560,23 +558,23 @@ def _feasible(
     return feasible, at_risk
 
 
-def _idle_usd(c: Candidate, traffic: Traffic | None) -> float:
+def _idle_usd(c: Candidate, traffic: Traffic | None, load: QueueLoad | None) -> float:
     """The idle part of the instances this task's traffic needs, per task (0 without one).
 
-    Not charged on a warm queue with nothing waiting (``_feasible``): its instances are
-    paid for and have room, so the task's own share is its marginal cost (the fleet keeps
-    using a box it already holds, such as an 8-GPU one a large model needed). A cold queue,
-    or one with a backlog, would buy instances: there the task pays its traffic's idle part.
-    Measured on the Mélange workloads and the shipped traces, charging warm queues too
-    sent each traffic to one chip (better at 16 req/s of Arena) but kept idle boxes alive
-    beside it on the chat trace (1.5x the cost); this rule is the better of the two overall.
-    The traffic (``rate_per_s`` tasks of this model and kind, each taking
-    ``typical_busy_s`` of device time on this chip on average) keeps ``load = rate x
-    instance-seconds per task`` instances busy; the planner buys ``ceil(load /
+    Not charged on a warm queue with nothing waiting (``load``): its instances are paid
+    for and have room, so the task's own share is its marginal cost. A cold queue, or one
+    with a backlog, would buy instances: there the task pays its traffic's idle part.
+    (Charging warm queues too sent each traffic to one chip, better on the Mélange
+    workloads, but kept an idle box beside the 8-GPU one a 70B model held on the chat
+    trace: 1.5x the cost.) The traffic (``rate_per_s`` tasks of this model and kind, each
+    taking ``typical_busy_s`` of device time on this chip on average) keeps ``busy = rate
+    x instance-seconds per task`` instances busy; the planner buys ``ceil(busy /
     TARGET_UTILISATION)`` (at least one), so each task's device-time share is paid at that
-    utilisation: ``share x (bought / load - 1)`` is the idle part. API pools are billed per
+    utilisation: ``share x (bought / busy - 1)`` is the idle part. API pools are billed per
     token, and per-vCPU offers are not sized this way: no idle part.
     """
+    if load is not None and load.consumers > 0 and load.depth == 0:
+        return 0.0
     typical_busy_s = traffic.busy_s.get(c.accelerator) if traffic is not None else None
     if traffic is None or not typical_busy_s or c.api is not None:
         return 0.0
@@ -584,11 +582,11 @@ def _idle_usd(c: Candidate, traffic: Traffic | None) -> float:
     if count <= 0:
         return 0.0
     whole = 1.0 if c.devices >= count else c.devices / count
-    load = traffic.rate_per_s * typical_busy_s * whole  # instances busy
-    if load <= 0:
+    busy = traffic.rate_per_s * typical_busy_s * whole  # instances the traffic keeps busy
+    if busy <= 0:
         return 0.0
-    bought = max(1, math.ceil(load / TARGET_UTILISATION - 1e-9))
-    return c.cost_usd * max(0.0, bought / load - 1.0)
+    bought = max(1, math.ceil(busy / TARGET_UTILISATION - 1e-9))
+    return c.cost_usd * max(0.0, bought / busy - 1.0)
 
 
 def _consolidated(feasible: list[Option], loads: Mapping[str, QueueLoad] | None) -> Option:
