@@ -22,8 +22,9 @@ from celery import Celery
 from fleet.autoscaler.actuator import ActReport, Actuator
 from fleet.autoscaler.config import AutoscalerConfig
 from fleet.autoscaler.lock import Lease
+from fleet.autoscaler.memory import carry_samples, smooth_load
 from fleet.autoscaler.model import Plan, PoolHistory, Snapshot
-from fleet.autoscaler.observe import carry_samples, observe, smooth_load
+from fleet.autoscaler.observe import observe
 from fleet.autoscaler.planner import busy_pools
 from fleet.autoscaler.planner import plan as make_plan
 from fleet.catalog import Catalog

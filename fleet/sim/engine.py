@@ -67,8 +67,8 @@ from dataclasses import replace
 from typing import Any
 
 from fleet.autoscaler.config import AutoscalerConfig, catalog_for_pools
+from fleet.autoscaler.memory import smooth_load
 from fleet.autoscaler.model import PoolHistory
-from fleet.autoscaler.observe import smooth_load
 from fleet.autoscaler.planner import busy_pools, plan
 from fleet.catalog import Catalog, Offer
 from fleet.compat import family_rejection, memory_needed_gb, offer_fit

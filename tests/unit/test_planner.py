@@ -19,6 +19,7 @@ from fleet.autoscaler.config import (
     pool_offers,
 )
 from fleet.autoscaler.demand import parse_demands
+from fleet.autoscaler.memory import carry_samples, smooth_load
 from fleet.autoscaler.model import (
     ErrorKind,
     Instance,
@@ -30,7 +31,6 @@ from fleet.autoscaler.model import (
     Snapshot,
     WorkerObservation,
 )
-from fleet.autoscaler.observe import carry_samples, smooth_load
 from fleet.autoscaler.planner import DEFAULT_SERVICE_S, busy_pools, plan, pool_devices
 from fleet.catalog import default_catalog
 from fleet.queues import parse_queue
