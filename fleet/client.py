@@ -36,10 +36,10 @@ from fleet.catalog import Catalog, default_catalog
 from fleet.modelfit import served_entry
 from fleet.models.registry import ModelRegistry
 from fleet.obs.logs import get_logger
-from fleet.placement import Placement, Policy, Traffic, busy_by_accelerator, place
+from fleet.placement import Placement, Policy, Traffic, place
 from fleet.publish import outbox_for
 from fleet.queues import all_queue_names
-from fleet.rates import RateMeter
+from fleet.rates import TrafficMeter
 from fleet.settings import Settings
 from fleet.spec import SpecTooLargeError, TaskKind, TaskSpec, check_size, parse_spec
 from fleet.stats import AmqpStats, RedisStats, StatsCache, StatsSource
@@ -120,7 +120,7 @@ class Fleet:
             models = pools.registry if pools is not None else app_models(self.settings)
         self.models = models
         self._queues = all_queue_names(self.catalog, self.settings.namespace, models)
-        self._traffic = RateMeter()  # this process's submissions per (model, kind)
+        self._traffic = TrafficMeter()  # this process's submissions per (model, kind)
         self._stats = StatsCache(stats or self._default_stats(), self._queues, stats_interval_s)
 
     @classmethod
@@ -163,16 +163,11 @@ class Fleet:
 
     def _traffic_of(self, spec: TaskSpec) -> Traffic | None:
         """The recent traffic this process submitted of ``spec``'s model and kind."""
-        key, now = (spec.model.name, spec.kind), time.monotonic()
-        accs = tuple(sorted(self._catalog_for(spec).families))
-        return Traffic.of(self._traffic.rate(key, now), self._traffic.mean_size(key, now), accs)
+        return self._traffic.traffic(spec, time.monotonic())
 
     def _count(self, spec: TaskSpec, n: int = 1) -> None:
-        """Record ``n`` submissions of ``spec`` (their device time per chip) in the meter."""
-        catalog = self._catalog_for(spec)
-        busy = busy_by_accelerator(spec, catalog)
-        size = tuple(busy.get(a, 0.0) for a in sorted(catalog.families))
-        self._traffic.record((spec.model.name, spec.kind), time.monotonic(), n, size)
+        """Record ``n`` submissions of ``spec`` in the traffic meter."""
+        self._traffic.record(spec, self._catalog_for(spec), time.monotonic(), n)
 
     def _catalog_for(self, spec: TaskSpec) -> Catalog:
         """The catalog to place ``spec`` on: with pools, only where a pool serves its model."""

@@ -20,6 +20,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable
 
+from fleet.catalog import Catalog
+from fleet.placement import Traffic, busy_by_accelerator
+from fleet.spec import TaskSpec
+
 Size = tuple[float, ...]
 WINDOW_S = 300.0
 MIN_SPAN_S = 10.0
@@ -76,3 +80,35 @@ class RateMeter:
         while times and times[0][0] <= now - self.window_s:
             for i, x in enumerate(times.popleft()[1]):
                 sums[i] -= x
+
+
+class TrafficMeter:
+    """Arrivals per (model, kind) and what they take on each chip: placement's ``Traffic``.
+
+    Each recorded task adds its device time on every family of the catalog it is placed on
+    (``fleet.placement.busy_by_accelerator``; 0 where it does not fit), kept in that
+    catalog's sorted family order, so the meter's mean is the traffic's mean device time
+    per chip. The simulator and the client each keep one.
+    """
+
+    def __init__(self, meter: RateMeter | None = None) -> None:
+        """A meter over ``meter`` (default: a ``RateMeter`` with its default window)."""
+        self.meter = meter or RateMeter()
+        self._order: dict[Hashable, tuple[str, ...]] = {}
+
+    def record(self, spec: TaskSpec, catalog: Catalog, now: float, count: int = 1) -> None:
+        """``count`` tasks like ``spec`` arrived at ``now``, to be placed on ``catalog``."""
+        key = (spec.model.name, spec.kind)
+        order = self._order.get(key)
+        if order is None:
+            order = self._order[key] = tuple(sorted(catalog.families))
+        busy = busy_by_accelerator(spec, catalog)
+        self.meter.record(key, now, count, tuple(busy.get(a, 0.0) for a in order))
+
+    def traffic(self, spec: TaskSpec, now: float) -> Traffic | None:
+        """The recent traffic of ``spec``'s model and kind (None: none recorded)."""
+        key = (spec.model.name, spec.kind)
+        order = self._order.get(key)
+        if order is None:
+            return None
+        return Traffic.of(self.meter.rate(key, now), self.meter.mean_size(key, now), order)

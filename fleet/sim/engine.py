@@ -3,7 +3,7 @@
 Policies:
 
 * ``fleet``: each task is placed by ``fleet.placement.place`` (cost policy, the recent
-  arrival rate of its model and kind from a ``fleet.rates.RateMeter``, live queue loads
+  arrival rate of its model and kind from a ``fleet.rates.TrafficMeter``, live queue loads
   from the simulation, the config's model registry) among the accelerators the config's
   pools can buy, and capacity is planned by ``fleet.autoscaler.planner.plan`` every
   ``loop_interval_s`` from a Snapshot the simulation builds (``fleet.sim.snapshot``), exactly
@@ -72,16 +72,9 @@ from fleet.autoscaler.model import PoolHistory
 from fleet.autoscaler.planner import busy_pools, plan
 from fleet.catalog import Catalog, Offer
 from fleet.compat import family_rejection, memory_needed_gb, offer_fit
-from fleet.placement import (
-    NoPlacementError,
-    Placement,
-    Policy,
-    Traffic,
-    busy_by_accelerator,
-    place,
-)
+from fleet.placement import NoPlacementError, Placement, Policy, place
 from fleet.queues import all_queue_names, api_queue_name, parse_queue
-from fleet.rates import RateMeter
+from fleet.rates import TrafficMeter
 from fleet.sim.apipools import SimApiPool
 from fleet.sim.keda import (
     KEDA_COOLDOWN_S,
@@ -192,9 +185,7 @@ class Simulation:
         self.offers = {(o.cloud, o.region, o.instance_type): o for o in catalog.offers}
         self._no_deadline: dict[SLO, SLO] = {}
         self.loads: dict[str, tuple[float, float]] = {}  # smoothed running load per queue
-        self.rates = RateMeter()  # arrivals per (model, kind), for placement's traffic pricing
-        # each meter key's accelerators, in the order its sizes (device time per chip) are kept
-        self._accs: dict[tuple[str, TaskKind], tuple[str, ...]] = {}
+        self.traffic = TrafficMeter()  # arrivals per (model, kind), for placement's pricing
 
     # -- events -------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: Any = None) -> None:  # noqa: ANN401 - event payloads vary
@@ -288,13 +279,8 @@ class Simulation:
                     placement = place(spec, where, None, Policy.COST, models=registry)
                 else:
                     loads = QueueLoads(self.book, self.api_queues, self.now)
-                    now, rates = self.now, self.rates
-                    accs = self._accs.get(key)
-                    if accs is None:
-                        accs = self._accs[key] = tuple(sorted(where.families))
-                    busy = busy_by_accelerator(spec, where)
-                    rates.record(key, now, size=tuple(busy.get(a, 0.0) for a in accs))
-                    traffic = Traffic.of(rates.rate(key, now), rates.mean_size(key, now), accs)
+                    self.traffic.record(spec, where, self.now)
+                    traffic = self.traffic.traffic(spec, self.now)
                     placement = place(
                         spec, where, loads, Policy.COST, models=registry, traffic=traffic
                     )

@@ -8,7 +8,7 @@ import pytest
 
 from fleet.catalog import load_catalog
 from fleet.placement import Traffic, busy_by_accelerator, place
-from fleet.rates import RateMeter
+from fleet.rates import RateMeter, TrafficMeter
 from fleet.spec import TaskSpec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,3 +95,16 @@ def test_traffic_maps_the_means_to_their_accelerators():
     assert Traffic.of(2.0, (1.5, 0.5), ["a", "b"]) == Traffic(2.0, {"a": 1.5, "b": 0.5})
     assert Traffic.of(None, (1.0,), ["a"]) is None
     assert Traffic.of(2.0, None, ["a"]) is None
+
+
+def test_traffic_meter_keeps_rate_and_device_time_per_chip():
+    """Ten Arena tasks at once read as 1/s (10 s minimum span) with their device time per chip."""
+    meter = TrafficMeter()
+    assert meter.traffic(ARENA, 0.0) is None
+    meter.record(ARENA, MELANGE, 0.0, count=10)
+    got = meter.traffic(ARENA, 1.0)
+    assert got is not None
+    assert got.rate_per_s == pytest.approx(1.0)
+    assert dict(got.busy_s) == pytest.approx(
+        {a: busy_by_accelerator(ARENA, MELANGE).get(a, 0.0) for a in MELANGE.families}
+    )
